@@ -1,0 +1,277 @@
+"""The wire contract between rbee, the agent and its workers.
+
+Every request body, reply body and SSE event that crosses a process boundary is a pydantic
+model here, and so is the one error shape (B39). Both sides import this module, so a change
+here is a protocol change: make it deliberately and keep it backwards-readable.
+
+This module must stay import-light (pydantic and the stdlib only): the operator side and the
+node side both load it, and neither may drag the other's dependencies in.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+API_VERSION = "1"
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorCode(StrEnum):
+    """Every error code rbee puts on the wire, with the HTTP status it travels under."""
+
+    # request shape
+    INVALID_REQUEST = "INVALID_REQUEST"
+    REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
+    PROMPT_TOO_LONG = "PROMPT_TOO_LONG"
+    NOT_FOUND = "NOT_FOUND"
+    METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+    # auth (B22)
+    MISSING_API_KEY = "MISSING_API_KEY"
+    INVALID_API_KEY = "INVALID_API_KEY"
+    # worker state (B41-B46)
+    MODEL_FILE_INVALID = "MODEL_FILE_INVALID"
+    MODEL_LOADING = "MODEL_LOADING"
+    MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
+    ALL_SLOTS_BUSY = "ALL_SLOTS_BUSY"
+    WORKER_DRAINING = "WORKER_DRAINING"
+    GENERATION_FAILED = "GENERATION_FAILED"
+    # client side
+    CONNECTION_FAILED = "CONNECTION_FAILED"
+    MALFORMED_REPLY = "MALFORMED_REPLY"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.REQUEST_TOO_LARGE: 413,
+    ErrorCode.PROMPT_TOO_LONG: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.MISSING_API_KEY: 401,
+    ErrorCode.INVALID_API_KEY: 401,
+    ErrorCode.MODEL_FILE_INVALID: 400,
+    ErrorCode.MODEL_LOADING: 503,
+    ErrorCode.MODEL_LOAD_FAILED: 503,
+    ErrorCode.ALL_SLOTS_BUSY: 503,
+    ErrorCode.WORKER_DRAINING: 503,
+    ErrorCode.GENERATION_FAILED: 500,
+    ErrorCode.CONNECTION_FAILED: 502,
+    ErrorCode.MALFORMED_REPLY: 502,
+    ErrorCode.INTERNAL_ERROR: 500,
+}
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorBody(BaseModel):
+    """The one error shape (B39): `{"error": {"code", "message", "details"}}`."""
+
+    error: ErrorDetail
+
+
+class RbeeError(Exception):
+    """The one error type (DESIGN principle 2).
+
+    `message` says what went wrong and where; `hint` says what to do next. On the wire the
+    hint rides in `details["hint"]` so the body keeps the fixed B39 shape.
+    """
+
+    def __init__(
+        self,
+        code: ErrorCode | str,
+        message: str,
+        hint: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = str(code)
+        self.message = message
+        self.details = dict(details or {})
+        self.hint = hint if hint is not None else self.details.get("hint")
+
+    @property
+    def http_status(self) -> int:
+        try:
+            return HTTP_STATUS[ErrorCode(self.code)]
+        except ValueError:
+            return 500
+
+    def to_body(self) -> ErrorBody:
+        details = dict(self.details)
+        if self.hint:
+            details["hint"] = self.hint
+        return ErrorBody(error=ErrorDetail(code=self.code, message=self.message, details=details))
+
+    @classmethod
+    def from_body(cls, body: ErrorBody) -> RbeeError:
+        details = dict(body.error.details)
+        hint = details.pop("hint", None)
+        return cls(body.error.code, body.error.message, hint=hint, details=details)
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\nHint: {self.hint}"
+
+
+# --------------------------------------------------------------------------- worker
+
+WorkerState = Literal["loading", "idle", "busy", "draining", "stopping", "failed"]
+Backend = Literal["cpu", "cuda", "metal"]
+BACKENDS: tuple[str, ...] = ("cpu", "cuda", "metal")
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class HealthReply(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+    api_version: str = API_VERSION
+    worker_id: str | None = None
+    state: WorkerState | None = None
+
+
+class ReadyReply(BaseModel):
+    """B42: `ready` flips once the model is loaded; `progress_url` while loading."""
+
+    ready: bool
+    state: WorkerState
+    model_loaded: bool
+    progress_url: str | None = None
+    error: ErrorDetail | None = None
+
+
+class LoadingProgress(BaseModel):
+    """One event of `GET /v1/loading/progress` (B41)."""
+
+    stage: Literal["loading", "ready", "failed"]
+    layers_loaded: int
+    layers_total: int
+    error: ErrorDetail | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class InferenceRequest(BaseModel):
+    """B43: a prompt or chat messages, with sampling settings. Bounds checked here (B57)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    max_tokens: int = Field(default=256, gt=0, le=32768)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    stream: bool = True
+    request_id: str | None = Field(default=None, min_length=1, max_length=128)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stop_may_be_a_string(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("stop"), str):
+            data = {**data, "stop": [data["stop"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> InferenceRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        return self
+
+
+class TokenEvent(BaseModel):
+    token: str
+    index: int
+
+
+class DoneEvent(BaseModel):
+    done: Literal[True] = True
+    total_tokens: int
+    duration_ms: float
+    finish_reason: FinishReason
+    request_id: str
+    prompt_tokens: int = 0
+    ttft_ms: float | None = None
+
+
+class StreamErrorEvent(BaseModel):
+    """An error after the stream has started (status 200 already sent)."""
+
+    error: ErrorDetail
+
+
+class InferenceResult(BaseModel):
+    """The reply to `stream: false`."""
+
+    request_id: str
+    text: str
+    total_tokens: int
+    duration_ms: float
+    finish_reason: FinishReason
+    prompt_tokens: int = 0
+
+
+class WorkerReadyCallback(BaseModel):
+    """B27: the worker tells its agent it is ready, authenticated with its own key."""
+
+    worker_id: str
+    url: str
+    model: str
+    backend: Backend
+    device: int
+    pid: int
+    slots: int
+    layers_total: int
+    load_ms: float
+
+
+class ShutdownReply(BaseModel):
+    state: WorkerState
+    active_requests: int
+
+
+# --------------------------------------------------------------------------- SSE framing
+
+SSE_DONE = "[DONE]"
+
+
+def sse_frame(payload: BaseModel | str) -> bytes:
+    """One SSE frame, `data: <json>\\n\\n`; JSON is compact and on one line by construction."""
+    data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=True)
+    return f"data: {data}\n\n".encode()
+
+
+def parse_sse_data(data: str) -> dict[str, Any] | None:
+    """Decode one frame's data; `None` for the `[DONE]` terminator.
+
+    Raises RbeeError(MALFORMED_REPLY) on anything that is not a JSON object (B13).
+    """
+    if data == SSE_DONE:
+        return None
+    try:
+        value = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise RbeeError(
+            ErrorCode.MALFORMED_REPLY,
+            f"The stream sent a frame that is not JSON: {data[:80]!r}",
+            details={"position": exc.pos},
+        ) from None
+    if not isinstance(value, dict):
+        raise RbeeError(
+            ErrorCode.MALFORMED_REPLY,
+            f"The stream sent a frame that is not an object: {data[:80]!r}",
+        )
+    return value

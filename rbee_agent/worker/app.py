@@ -1,0 +1,148 @@
+"""The worker's HTTP routes (thin: parse, call the service, reply)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from rbee_agent import __version__
+from rbee_agent.auth import check_bearer
+from rbee_agent.http_errors import error_response, install_error_handlers, parse_body
+from rbee_agent.protocol import (
+    SSE_DONE,
+    ErrorCode,
+    HealthReply,
+    InferenceRequest,
+    RbeeError,
+    ReadyReply,
+    ShutdownReply,
+    StreamErrorEvent,
+    sse_frame,
+)
+from rbee_agent.sse import SSEResponse
+from rbee_agent.worker.service import InferenceRun, WorkerService
+
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+class BodyLimit:
+    """Refuse request bodies over the limit before anything parses them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            err = RbeeError(
+                ErrorCode.REQUEST_TOO_LARGE,
+                f"The request body is {int(length)} bytes; this worker accepts at most "
+                f"{self.limit} bytes",
+                hint="Shorten the prompt or the chat history.",
+                details={"bytes": int(length), "limit": self.limit},
+            )
+            await error_response(err)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive() -> dict[str, object]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise RbeeError(
+                        ErrorCode.REQUEST_TOO_LARGE,
+                        f"The request body exceeds this worker's limit of {self.limit} bytes",
+                        details={"limit": self.limit},
+                    )
+            return message  # type: ignore[return-value]
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_app(
+    service: WorkerService, on_startup: Callable[[], None] | None = None
+) -> FastAPI:
+    settings = service.settings
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        if on_startup is not None:
+            on_startup()
+        yield
+
+    app = FastAPI(title="rbee worker", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+
+    def require_key(request: Request) -> None:
+        check_bearer(request, settings.api_key)
+
+    @app.get("/v1/health", response_model=HealthReply)
+    async def health() -> HealthReply:
+        return HealthReply(version=__version__, worker_id=settings.worker_id, state=service.state)
+
+    api = APIRouter(dependencies=[Depends(require_key)])
+
+    @api.get("/v1/ready", response_model=ReadyReply, response_model_exclude_none=True)
+    async def ready() -> ReadyReply:
+        return service.ready_reply()
+
+    @api.get("/v1/loading/progress")
+    async def loading_progress() -> SSEResponse:
+        async def frames() -> AsyncIterator[bytes]:
+            async for event in service.progress_events():
+                yield sse_frame(event)
+            yield sse_frame(SSE_DONE)
+
+        return SSEResponse(frames())
+
+    @api.post("/v1/inference", openapi_extra=_json_body(InferenceRequest))
+    async def inference(request: Request) -> Response:
+        body = await parse_body(request, InferenceRequest)
+        run = await service.begin(body, request.headers.get(REQUEST_ID_HEADER))
+        headers = {REQUEST_ID_HEADER: run.request_id}
+        if not body.stream:
+            result = await run.collect()
+            return JSONResponse(result.model_dump(), headers=headers)
+        return SSEResponse(_token_frames(run), headers=headers)
+
+    @api.delete("/v1/inference/{request_id}", status_code=204)
+    async def cancel(request_id: str) -> Response:
+        service.cancel(request_id)
+        return Response(status_code=204)
+
+    @api.post("/v1/admin/shutdown", response_model=ShutdownReply)
+    async def shutdown() -> ShutdownReply:
+        service.request_shutdown()
+        return ShutdownReply(state=service.state, active_requests=service.active_requests)
+
+    app.include_router(api)
+    return app
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """Document a body we parse by hand in the OpenAPI schema."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+async def _token_frames(run: InferenceRun) -> AsyncIterator[bytes]:
+    async for item in run.events():
+        if isinstance(item, RbeeError):
+            yield sse_frame(StreamErrorEvent(error=item.to_body().error))
+            break
+        yield sse_frame(item)
+    yield sse_frame(SSE_DONE)
