@@ -44,6 +44,10 @@ class ErrorCode(StrEnum):
     CONNECTION_FAILED = "CONNECTION_FAILED"
     MALFORMED_REPLY = "MALFORMED_REPLY"
     INTERNAL_ERROR = "INTERNAL_ERROR"
+    # models and catalog (B35-B38)
+    INVALID_MODEL_REF = "INVALID_MODEL_REF"
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    MODEL_ALREADY_EXISTS = "MODEL_ALREADY_EXISTS"
 
 
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -63,6 +67,9 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.CONNECTION_FAILED: 502,
     ErrorCode.MALFORMED_REPLY: 502,
     ErrorCode.INTERNAL_ERROR: 500,
+    ErrorCode.INVALID_MODEL_REF: 400,
+    ErrorCode.MODEL_NOT_FOUND: 404,
+    ErrorCode.MODEL_ALREADY_EXISTS: 409,
 }
 
 
@@ -135,6 +142,9 @@ class HealthReply(BaseModel):
     api_version: str = API_VERSION
     worker_id: str | None = None
     state: WorkerState | None = None
+    slots_total: int | None = None
+    slots_busy: int | None = None
+    tokens_served: int | None = None
 
 
 class ReadyReply(BaseModel):
@@ -275,3 +285,67 @@ def parse_sse_data(data: str) -> dict[str, Any] | None:
             f"The stream sent a frame that is not an object: {data[:80]!r}",
         )
     return value
+
+
+# --------------------------------------------------------------------------- node (B23)
+
+
+class GpuInfo(BaseModel):
+    """One GPU as NVML sees it. A field NVML refuses on this card is `None`, not an error.
+
+    Sizes are MiB (written MB throughout rbee, as nvidia-smi does).
+    """
+
+    index: int
+    name: str
+    uuid: str | None = None
+    vram_total_mb: int | None = None
+    vram_used_mb: int | None = None
+    vram_free_mb: int | None = None
+    utilization_percent: int | None = None
+    temperature_c: int | None = None
+    power_w: float | None = None
+
+
+class NodeInfo(BaseModel):
+    """`GET /v1/node`: what this machine has and how busy it is (B23). Sizes in MiB."""
+
+    hostname: str
+    os: str
+    arch: str
+    cpu_count: int
+    cpu_percent: float
+    load_average: tuple[float, float, float] | None = None
+    ram_total_mb: int
+    ram_available_mb: int
+    models_dir: str
+    disk_free_mb: int
+    backends: list[Backend]
+    gpus: list[GpuInfo] = Field(default_factory=list)
+    nvidia_driver: str | None = None
+
+
+# --------------------------------------------------------------------------- models (B35)
+
+ModelProvider = Literal["bundled", "file", "hf"]
+
+
+class CatalogEntry(BaseModel):
+    """One model the node knows (B35); `GET /v1/models` returns a list of these.
+
+    `id` is the short name a user types; `reference` is where the model came from
+    (`hf:org/repo/file.gguf`, `file:///abs/path.gguf`, `bundled:<id>`); `local_path` is the
+    GGUF file on this node. Metadata comes from the GGUF header (B38).
+    """
+
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    provider: ModelProvider
+    reference: str
+    local_path: str
+    size_bytes: int = Field(ge=0)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    quantization: str
+    architecture: str
+    layers: int = Field(ge=0)
+    context_length: int = Field(ge=0)
+    added_at: float

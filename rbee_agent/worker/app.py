@@ -90,9 +90,13 @@ def create_app(
     def require_key(request: Request) -> None:
         check_bearer(request, settings.api_key)
 
-    @app.get("/v1/health", response_model=HealthReply)
+    @app.get("/v1/health", response_model=HealthReply, response_model_exclude_none=True)
     async def health() -> HealthReply:
-        return HealthReply(version=__version__, worker_id=settings.worker_id, state=service.state)
+        return HealthReply(
+            version=__version__, worker_id=settings.worker_id, state=service.state,
+            slots_total=service.slots.total, slots_busy=service.slots.busy,
+            tokens_served=service.tokens_served,
+        )
 
     api = APIRouter(dependencies=[Depends(require_key)])
 

@@ -71,7 +71,7 @@ def _model_load_progress(on_fraction: Callable[[float], bool]) -> Iterator[None]
     """
     import llama_cpp.llama_cpp as C
 
-    @C.llama_progress_callback  # type: ignore[misc]
+    @C.llama_progress_callback  # type: ignore[untyped-decorator]
     def _callback(progress: float, _user_data: Any) -> bool:
         return on_fraction(float(progress))
 

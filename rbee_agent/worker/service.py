@@ -14,10 +14,11 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -97,8 +98,8 @@ class WorkerService:
         self._loop = asyncio.get_running_loop()
         self._spawn(self._load())
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -110,12 +111,12 @@ class WorkerService:
             self.settings.model_path, self.engine.layers_total, self.settings.backend,
             self.settings.device, self.settings.slots,
         )
+        def on_layers(layers: int) -> None:
+            loop.call_soon_threadsafe(self._set_layers, layers)
+
         try:
             await loop.run_in_executor(
-                self._executor,
-                self.engine.load,
-                lambda n: loop.call_soon_threadsafe(self._set_layers, n),
-                self._abort_load.is_set,
+                self._executor, self.engine.load, on_layers, self._abort_load.is_set
             )
         except RbeeError as err:
             self._fail_load(err)
@@ -200,7 +201,7 @@ class WorkerService:
             worker_id=self.settings.worker_id,
             url=self.settings.url,
             model=str(self.settings.model_path),
-            backend=self.settings.backend,  # type: ignore[arg-type]
+            backend=self.settings.backend,
             device=self.settings.device,
             pid=os.getpid(),
             slots=self.settings.slots,

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import WorkerProc, start_worker_process
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProc]]:
+    """Start real worker processes on free loopback ports; all are killed at teardown."""
+    started: list[WorkerProc] = []
+
+    def start(*extra: str, wait: bool = True, key: str = "test-key-123456") -> WorkerProc:
+        worker = start_worker_process(tmp_path, *extra, key=key)
+        started.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProc]:
+    """One shared idle worker (1 slot) for tests that leave it idle when they finish."""
+    w = start_worker_process(tmp_path_factory.mktemp("worker"))
+    try:
+        w.wait_ready()
+        yield w
+    finally:
+        w.stop()

@@ -1,0 +1,62 @@
+"""B41, B42: the HTTP surface answers while llama.cpp loads, with real layer progress.
+
+In-process (real engine, real model, the real ASGI app) so the test can subscribe to the
+progress stream before loading starts and observe the loading state deterministically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from rbee_agent.protocol import LoadingProgress
+from rbee_agent.worker.app import create_app
+from rbee_agent.worker.engine import Engine, EngineConfig
+from rbee_agent.worker.service import WorkerService, WorkerSettings
+from tests.support import bundled_model_path
+
+KEY = "k-loading"
+
+
+@pytest.fixture
+async def service() -> AsyncIterator[WorkerService]:
+    model = bundled_model_path()
+    settings = WorkerSettings(worker_id="w", model_path=model, port=1, api_key=KEY)
+    svc = WorkerService(settings, Engine(EngineConfig(model_path=model)))
+    yield svc
+    svc.request_shutdown()
+    await asyncio.wait_for(svc.exit_requested.wait(), 30)
+
+
+async def test_b41_b42_answers_while_loading_then_ready(service: WorkerService) -> None:
+    app = create_app(service)
+    transport = httpx.ASGITransport(app=app)
+    events: list[LoadingProgress] = []
+
+    async def follow() -> None:
+        async for event in service.progress_events():
+            events.append(event)
+
+    follower = asyncio.create_task(follow())
+    await asyncio.sleep(0)
+    service.start()
+    async with httpx.AsyncClient(transport=transport, base_url="http://w",
+                                 headers={"Authorization": f"Bearer {KEY}"}) as client:
+        ready = (await client.get("/v1/ready")).json()
+        assert ready == {"ready": False, "state": "loading", "model_loaded": False,
+                         "progress_url": "/v1/loading/progress"}
+        busy = await client.post("/v1/inference", json={"prompt": "Hi"})
+        assert busy.status_code == 503
+        assert busy.json()["error"]["code"] == "MODEL_LOADING"
+        assert "layer" in busy.json()["error"]["message"]
+        await asyncio.wait_for(follower, 30)
+        assert (await client.get("/v1/ready")).json() == {
+            "ready": True, "state": "idle", "model_loaded": True}
+    loading = [e for e in events if e.stage == "loading"]
+    assert len(loading) >= 3, "llama.cpp's progress callback should report several steps"
+    layers = [e.layers_loaded for e in loading]
+    assert layers == sorted(layers) and layers[0] < 30
+    assert events[-1] == LoadingProgress(stage="ready", layers_loaded=30, layers_total=30)
