@@ -17,7 +17,8 @@ def new_api_key() -> str:
     return secrets.token_urlsafe(32)
 
 
-def check_bearer(request: Request, expected: str) -> None:
+def bearer_token(request: Request) -> str:
+    """The bearer token sent, or MISSING_API_KEY."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -26,7 +27,12 @@ def check_bearer(request: Request, expected: str) -> None:
             f"{request.url.path} needs an API key",
             hint="Send 'Authorization: Bearer <key>'.",
         )
-    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+    return token.strip()
+
+
+def check_bearer(request: Request, expected: str) -> None:
+    token = bearer_token(request)
+    if not hmac.compare_digest(token.encode(), expected.encode()):
         raise RbeeError(
             ErrorCode.INVALID_API_KEY,
             f"The API key sent to {request.url.path} is not valid",

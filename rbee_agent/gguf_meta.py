@@ -1,15 +1,21 @@
 """Read a GGUF file's metadata from its header, without loading the weights (B38).
 
 The worker needs the layer count before llama.cpp starts loading (progress is reported in
-layers), and the catalog records architecture, context length and quantization. The `gguf`
-package memory-maps the file, so only the header pages are actually read.
+layers), and the catalog records architecture, context length and quantization. Only the
+key/value section at the start of the file is read; the `gguf` package supplies the names
+of the quantization types.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from gguf import LlamaFileType
 
 from rbee_agent.protocol import ErrorCode, RbeeError
 
@@ -27,20 +33,81 @@ class GgufMeta:
     chat_template: str | None
 
 
-def _field(reader: Any, key: str) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    return field.contents()
+# GGUF value types (ggml's gguf.h): fixed sizes for scalars; 8 = string, 9 = array.
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+           10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_MAX_STRING = 16 * 1024 * 1024
+
+
+class _Header:
+    """Reads the key/value section of a GGUF file and nothing else.
+
+    `gguf.GGUFReader` parses every tensor descriptor and every array element eagerly
+    (about 2 s for a 100 MB model with a 49k-token vocabulary); the worker and the catalog
+    need a dozen scalars, so this walks the key/value pairs, skipping arrays by length.
+    """
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+
+    def _read(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        data = self._fh.read(size)
+        if len(data) != size:
+            raise ValueError("unexpected end of file in the GGUF header")
+        return struct.unpack(fmt, data)[0]
+
+    def _string(self) -> str:
+        length = self._read("<Q")
+        if length > _MAX_STRING:
+            raise ValueError(f"string of {length} bytes in the GGUF header")
+        return self._fh.read(length).decode("utf-8", "replace")
+
+    def _skip_string(self) -> None:
+        self._fh.seek(self._read("<Q"), os.SEEK_CUR)
+
+    def _value(self, kind: int) -> Any:
+        if kind in _SCALAR:
+            return self._read(_SCALAR[kind])
+        if kind == _STRING:
+            return self._string()
+        if kind == _ARRAY:
+            item, count = self._read("<I"), self._read("<Q")
+            if item in _SCALAR:
+                self._fh.seek(struct.calcsize(_SCALAR[item]) * count, os.SEEK_CUR)
+            elif item == _STRING:
+                for _ in range(count):
+                    self._skip_string()
+            else:
+                raise ValueError(f"unsupported GGUF array of type {item}")
+            return _ArrayLength(count)
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+    def fields(self) -> dict[str, Any]:
+        if self._fh.read(4) != GGUF_MAGIC:
+            raise ValueError("bad magic")
+        version = self._read("<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
+        self._read("<Q")  # tensor count
+        kv_count = self._read("<Q")
+        found: dict[str, Any] = {}
+        for _ in range(kv_count):
+            key = self._string()
+            found[key] = self._value(self._read("<I"))
+        return found
+
+
+class _ArrayLength(int):
+    """An array value we skipped: only its length is kept."""
 
 
 def _quantization(file_type: int | None) -> str:
     if file_type is None:
         return "unknown"
-    import gguf
-
     try:
-        name = gguf.LlamaFileType(file_type).name
+        name = LlamaFileType(file_type).name
     except ValueError:
         return f"type{file_type}"
     return name.removeprefix("MOSTLY_")
@@ -74,25 +141,24 @@ def check_gguf_file(path: Path) -> None:
 
 def read_gguf_meta(path: Path) -> GgufMeta:
     check_gguf_file(path)
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as exc:  # the gguf package raises plain ValueError/struct errors
+        with path.open("rb") as fh:
+            fields = _Header(io.BufferedReader(fh, 1024 * 1024)).fields()
+    except (ValueError, struct.error, OSError) as exc:
         raise RbeeError(
             ErrorCode.MODEL_FILE_INVALID,
             f"Model file {path} has a damaged GGUF header: {exc}",
             hint="The file may be truncated; download it again.",
             details={"path": str(path)},
         ) from None
-    arch = str(_field(reader, "general.architecture") or "unknown")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    arch = str(fields.get("general.architecture") or "unknown")
+    template = fields.get("tokenizer.chat_template")
     return GgufMeta(
         architecture=arch,
-        layers=int(_field(reader, f"{arch}.block_count") or 0),
-        context_length=int(_field(reader, f"{arch}.context_length") or 0),
-        vocab_size=len(tokens.data) if tokens is not None else 0,
-        quantization=_quantization(_field(reader, "general.file_type")),
-        name=_field(reader, "general.name"),
-        chat_template=_field(reader, "tokenizer.chat_template"),
+        layers=int(fields.get(f"{arch}.block_count") or 0),
+        context_length=int(fields.get(f"{arch}.context_length") or 0),
+        vocab_size=int(fields.get("tokenizer.ggml.tokens") or 0),
+        quantization=_quantization(fields.get("general.file_type")),
+        name=fields.get("general.name"),
+        chat_template=template if isinstance(template, str) else None,
     )

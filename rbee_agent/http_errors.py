@@ -42,7 +42,7 @@ def _invalid(errors: Sequence[Any]) -> RbeeError:
     return RbeeError(
         ErrorCode.INVALID_REQUEST,
         message,
-        hint="Check the request body against the API (GET /openapi.json).",
+        hint="Check the field names and ranges in rbee_agent/protocol.py.",
         details={"problems": problems},
     )
 

@@ -48,6 +48,21 @@ class ErrorCode(StrEnum):
     INVALID_MODEL_REF = "INVALID_MODEL_REF"
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
     MODEL_ALREADY_EXISTS = "MODEL_ALREADY_EXISTS"
+    MODEL_IN_USE = "MODEL_IN_USE"
+    MODEL_PROTECTED = "MODEL_PROTECTED"
+    # agent and supervisor (B20-B32)
+    INVALID_CONFIG = "INVALID_CONFIG"
+    INVALID_BACKEND = "INVALID_BACKEND"
+    BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
+    DEVICE_NOT_FOUND = "DEVICE_NOT_FOUND"
+    INSUFFICIENT_RAM = "INSUFFICIENT_RAM"
+    INSUFFICIENT_VRAM = "INSUFFICIENT_VRAM"
+    NO_FREE_PORT = "NO_FREE_PORT"
+    WORKER_NOT_FOUND = "WORKER_NOT_FOUND"
+    WORKER_START_FAILED = "WORKER_START_FAILED"
+    WORKER_CRASHED = "WORKER_CRASHED"
+    LOADING_TIMEOUT = "LOADING_TIMEOUT"
+    AGENT_SHUTTING_DOWN = "AGENT_SHUTTING_DOWN"
 
 
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -70,6 +85,20 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_MODEL_REF: 400,
     ErrorCode.MODEL_NOT_FOUND: 404,
     ErrorCode.MODEL_ALREADY_EXISTS: 409,
+    ErrorCode.MODEL_IN_USE: 409,
+    ErrorCode.MODEL_PROTECTED: 409,
+    ErrorCode.INVALID_CONFIG: 400,
+    ErrorCode.INVALID_BACKEND: 400,
+    ErrorCode.BACKEND_UNAVAILABLE: 409,
+    ErrorCode.DEVICE_NOT_FOUND: 404,
+    ErrorCode.INSUFFICIENT_RAM: 507,
+    ErrorCode.INSUFFICIENT_VRAM: 507,
+    ErrorCode.NO_FREE_PORT: 503,
+    ErrorCode.WORKER_NOT_FOUND: 404,
+    ErrorCode.WORKER_START_FAILED: 502,
+    ErrorCode.WORKER_CRASHED: 502,
+    ErrorCode.LOADING_TIMEOUT: 504,
+    ErrorCode.AGENT_SHUTTING_DOWN: 503,
 }
 
 
@@ -158,9 +187,11 @@ class ReadyReply(BaseModel):
 
 
 class LoadingProgress(BaseModel):
-    """One event of `GET /v1/loading/progress` (B41)."""
+    """One event of a worker's `GET /v1/loading/progress` (B41), and of the agent's
+    `GET /v1/workers/{id}/progress`, which adds `starting` (process up, model not yet
+    opening) before the worker's own events."""
 
-    stage: Literal["loading", "ready", "failed"]
+    stage: Literal["starting", "loading", "ready", "failed"]
     layers_loaded: int
     layers_total: int
     error: ErrorDetail | None = None
@@ -349,3 +380,67 @@ class CatalogEntry(BaseModel):
     layers: int = Field(ge=0)
     context_length: int = Field(ge=0)
     added_at: float
+
+
+# --------------------------------------------------------------------------- agent (B24-B34)
+
+
+class SpawnRequest(BaseModel):
+    """`POST /v1/workers`. `backend` is checked by the supervisor (INVALID_BACKEND names the
+    valid ones), not by the schema, so the error says more than "invalid literal"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_ref: str = Field(min_length=1, max_length=2048)
+    backend: str = "cpu"
+    device: int = Field(default=0, ge=0, le=63)
+    ctx_size: int | None = Field(default=None, ge=16, le=1_048_576)
+    slots: int | None = Field(default=None, ge=1, le=64)
+
+
+class WorkerInfo(BaseModel):
+    """One worker as its agent sees it (B24)."""
+
+    id: str
+    model_id: str
+    model_ref: str
+    backend: str
+    device: int
+    url: str
+    state: WorkerState
+    slots_total: int
+    slots_available: int
+    pid: int | None
+    started_at: float
+    last_activity: float
+    rss_mb: int | None = None
+    vram_mb: int | None = None
+    tokens_served: int = 0
+    layers_loaded: int = 0
+    layers_total: int = 0
+    active_requests: int = 0
+
+
+class SpawnReply(BaseModel):
+    worker: WorkerInfo
+    reused: bool
+
+
+class WorkersReply(BaseModel):
+    workers: list[WorkerInfo]
+
+
+class ModelsReply(BaseModel):
+    models: list[CatalogEntry]
+
+
+class LogsReply(BaseModel):
+    source: str
+    lines: list[str]
+
+
+class LogLine(BaseModel):
+    """One event of `GET /v1/logs?follow=true`."""
+
+    source: str
+    line: str

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.agent_support import AgentProc
+from tests.agent_support import start_agent as start_agent_process
 from tests.support import WorkerProc, start_worker_process
 
 
@@ -34,3 +36,28 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProc]:
         yield w
     finally:
         w.stop()
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
+    """Start real agents; each is stopped (SIGTERM, then SIGKILL) at teardown."""
+    started: list[AgentProc] = []
+
+    def start(name: str = "agent", **settings: str) -> AgentProc:
+        agent = start_agent_process(tmp_path / name, **settings)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProc]:
+    """One shared agent for tests that leave no workers behind."""
+    a = start_agent_process(tmp_path_factory.mktemp("agent"))
+    try:
+        yield a
+    finally:
+        a.stop()

@@ -37,7 +37,7 @@ async def test_b41_b42_answers_while_loading_then_ready(service: WorkerService) 
     events: list[LoadingProgress] = []
 
     async def follow() -> None:
-        async for event in service.progress_events():
+        async for event in service.progress.follow():
             events.append(event)
 
     follower = asyncio.create_task(follow())

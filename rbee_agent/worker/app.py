@@ -83,7 +83,8 @@ def create_app(
             on_startup()
         yield
 
-    app = FastAPI(title="rbee worker", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="rbee worker", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
 
@@ -107,7 +108,7 @@ def create_app(
     @api.get("/v1/loading/progress")
     async def loading_progress() -> SSEResponse:
         async def frames() -> AsyncIterator[bytes]:
-            async for event in service.progress_events():
+            async for event in service.progress.follow():
                 yield sse_frame(event)
             yield sse_frame(SSE_DONE)
 

@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s worker {args.worker_id}: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     from rbee_agent.worker.lifecycle import die_with_parent
 
     die_with_parent(args.parent_pid if args.parent_pid is not None else os.getppid())

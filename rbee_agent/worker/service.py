@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from rbee_agent.broadcast import Broadcast
 from rbee_agent.protocol import (
     DoneEvent,
     ErrorCode,
@@ -83,7 +84,10 @@ class WorkerService:
         self._active: dict[str, Generation] = {}
         self._none_active = asyncio.Event()
         self._none_active.set()
-        self._progress_listeners: set[asyncio.Queue[LoadingProgress]] = set()
+        self.progress: Broadcast[LoadingProgress] = Broadcast(
+            LoadingProgress(stage="loading", layers_loaded=0, layers_total=engine.layers_total),
+            lambda event: event.stage != "loading",
+        )
         self._executor = ThreadPoolExecutor(
             max_workers=settings.slots + 1, thread_name_prefix="llama"
         )
@@ -156,34 +160,7 @@ class WorkerService:
         self.exit_requested.set()
 
     def _publish(self, event: LoadingProgress) -> None:
-        for queue in self._progress_listeners:
-            queue.put_nowait(event)
-
-    async def progress_events(self) -> AsyncIterator[LoadingProgress]:
-        """Current progress first, then every change, until ready or failed."""
-        queue: asyncio.Queue[LoadingProgress] = asyncio.Queue()
-        self._progress_listeners.add(queue)
-        try:
-            event = self.current_progress()
-            while True:
-                yield event
-                if event.stage != "loading":
-                    return
-                event = await queue.get()
-        finally:
-            self._progress_listeners.discard(queue)
-
-    def current_progress(self) -> LoadingProgress:
-        total = self.engine.layers_total
-        if self.load_error is not None:
-            return LoadingProgress(
-                stage="failed", layers_loaded=self.layers_loaded, layers_total=total,
-                error=self.load_error.to_body().error,
-            )
-        if self.state == "loading":
-            return LoadingProgress(stage="loading", layers_loaded=self.layers_loaded,
-                                   layers_total=total)
-        return LoadingProgress(stage="ready", layers_loaded=total, layers_total=total)
+        self.progress.publish(event)
 
     def ready_reply(self) -> ReadyReply:
         loaded = self.state in ("idle", "busy", "draining")
