@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import platformdirs
-import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rbee_agent.auth import new_api_key
 from rbee_agent.protocol import ErrorCode, RbeeError
+from rbee_agent.tomlfile import write_private_toml
 
 APP = "rbee"
 API_KEY_ENV = "RBEE_AGENT_API_KEY"
@@ -98,20 +97,6 @@ def read_toml(path: Path) -> dict[str, Any]:
             f"The agent config {path} is not valid TOML: {exc}",
             hint="Fix the file, or move it away to start from defaults.",
         ) from None
-
-
-def write_private_toml(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename) with mode 0600: the file holds a key."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            tomli_w.dump(data, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
