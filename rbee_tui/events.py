@@ -81,4 +81,6 @@ class Finished:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-Event = PhaseStarted | PhaseDone | Attempt | Progress | OutputLine | HostKeyUnknown | Token | Finished
+Event = (
+    PhaseStarted | PhaseDone | Attempt | Progress | OutputLine | HostKeyUnknown | Token | Finished
+)
