@@ -7,6 +7,7 @@ import pytest
 
 from tests.agent_support import AgentProc
 from tests.agent_support import start_agent as start_agent_process
+from tests.cli_support import RbeeEnv, make_env
 from tests.support import WorkerProc, start_worker_process
 
 
@@ -61,3 +62,11 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProc]:
         yield a
     finally:
         a.stop()
+
+
+@pytest.fixture
+def rbee(tmp_path: Path) -> Iterator[RbeeEnv]:
+    """An isolated operator config; the local agent it starts is stopped at teardown."""
+    env = make_env(tmp_path / "rbee")
+    yield env
+    env.stop_local_agent()
