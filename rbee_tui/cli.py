@@ -159,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(parser.format_usage().rstrip())
         err_console.print(f"[bold red]error:[/] {exc}")
         return EXIT_USAGE
-    if args.command is None:
-        from rbee_tui.bundled_serve import serve_bundled
-
-        return serve_bundled()
     try:
+        if args.command is None:
+            from rbee_tui.app import run_app
+
+            return run_app(load_config(), ephemeral=args.ephemeral)
         return asyncio.run(dispatch(args))
     except KeyboardInterrupt:
         err_console.print("[yellow]canceled[/]")
