@@ -146,7 +146,7 @@ class RbeeApp(App[None]):
             self.set_timer(self.config.settings.poll_interval_s, lambda: self._next_poll(name))
 
     def _next_poll(self, name: str) -> None:
-        if name not in self._polling:
+        if name not in self._polling or not self.is_running or not self.screen_stack:
             return
         if isinstance(self.screen, ModalScreen):  # paused while a form is open
             self.set_timer(0.5, lambda: self._next_poll(name))

@@ -42,7 +42,7 @@ class InferenceSpec:
     max_tokens: int = 100
     temperature: float = 0.7
     top_p: float = 0.95
-    backend: str = "cpu"
+    backend: str | None = "cpu"  # None: any warm worker; spawn on cuda when the node has it
     device: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
@@ -52,7 +52,7 @@ def validate(spec: InferenceSpec, config: Config) -> None:
     """B57: every input checked before anything touches the network."""
     config.node(spec.node)
     parse_model_ref(spec.model_ref)
-    if spec.backend not in BACKENDS:
+    if spec.backend is not None and spec.backend not in BACKENDS:
         raise RbeeError(ErrorCode.INVALID_BACKEND, f"Unknown backend {spec.backend!r}",
                         hint=f"Use one of: {', '.join(BACKENDS)}.")
     if not 0.0 <= spec.temperature <= 2.0:
@@ -75,8 +75,10 @@ def validate(spec: InferenceSpec, config: Config) -> None:
 
 
 def _matches(worker: WorkerInfo, spec: InferenceSpec) -> bool:
-    return (spec.model_ref in (worker.model_id, worker.model_ref)
-            and worker.backend == spec.backend and worker.device == spec.device)
+    if spec.model_ref not in (worker.model_id, worker.model_ref):
+        return False
+    return spec.backend is None or (worker.backend, worker.device) == (spec.backend,
+                                                                       spec.device)
 
 
 async def run_inference(
@@ -114,8 +116,11 @@ async def run_inference(
 async def _spawn(
     client: AgentClient, spec: InferenceSpec, settings: OperatorSettings
 ) -> AsyncIterator[Event | WorkerInfo]:
-    yield PhaseStarted("spawn", f"Starting a {spec.backend} worker for {spec.model_ref}")
-    reply = await client.spawn(SpawnRequest(model_ref=spec.model_ref, backend=spec.backend,
+    backend = spec.backend
+    if backend is None:
+        backend = "cuda" if "cuda" in (await client.node_info()).backends else "cpu"
+    yield PhaseStarted("spawn", f"Starting a {backend} worker for {spec.model_ref}")
+    reply = await client.spawn(SpawnRequest(model_ref=spec.model_ref, backend=backend,
                                             device=spec.device))
     worker = reply.worker
     yield PhaseDone("spawn", f"worker {worker.id} (pid {worker.pid})")

@@ -15,13 +15,13 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, Markdown, ProgressBar, Select
 from textual.worker import Worker
 
 from rbee_agent.protocol import ChatMessage, RbeeError
 from rbee_tui.events import Attempt, Finished, PhaseDone, PhaseStarted, Progress, Token
 from rbee_tui.orchestrator import InferenceSpec, run_inference
+from rbee_tui.screens.base import RbeeScreen
 
 if TYPE_CHECKING:
     from rbee_tui.app import RbeeApp
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "smollm2-135m"
 
 
-class ChatScreen(Screen[None]):
+class ChatScreen(RbeeScreen[None]):
     BINDINGS = [
         Binding("escape", "stop_or_back", "Stop/back", id="chat.stop",
                 tooltip="Stop the reply being generated; when idle, go back"),
@@ -115,7 +115,7 @@ class ChatScreen(Screen[None]):
                                           exclusive=True, exit_on_error=False)
 
     async def _generate(self, reply: Markdown) -> None:
-        spec = InferenceSpec(node=self.node, model_ref=self.model,
+        spec = InferenceSpec(node=self.node, model_ref=self.model, backend=None,
                              messages=list(self.history), max_tokens=512, temperature=0.7)
         status = self.query_one("#chat-status", Label)
         progress = self.query_one("#chat-progress", ProgressBar)

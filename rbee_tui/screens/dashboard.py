@@ -9,11 +9,11 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label
 
 from rbee_tui.messages import NodePolled
 from rbee_tui.node_source import NodeSnapshot
+from rbee_tui.screens.base import RbeeScreen
 from rbee_tui.widgets.node_detail import NodeDetail
 from rbee_tui.widgets.tables import NodesTable, WorkersTable
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from rbee_tui.app import RbeeApp
 
 
-class DashboardScreen(Screen[None]):
+class DashboardScreen(RbeeScreen[None]):
     BINDINGS = [
         Binding("c,enter", "app.chat", "Chat", id="dashboard.chat",
                 tooltip="Chat with a model on the selected node"),

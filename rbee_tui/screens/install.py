@@ -8,15 +8,15 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
 from textual.widgets import Button, Label, Log
 
 from rbee_agent.protocol import RbeeError
 from rbee_tui.config import Config, Node
 from rbee_tui.events import Finished, OutputLine, PhaseDone, PhaseStarted
+from rbee_tui.screens.base import RbeeModal
 
 
-class InstallScreen(ModalScreen[Node | None]):
+class InstallScreen(RbeeModal[Node | None]):
     BINDINGS = [Binding("escape", "close", "Close", id="install.close",
                         tooltip="Close (an install in progress is stopped)")]
 

@@ -7,14 +7,15 @@ from typing import TYPE_CHECKING
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.screen import Screen
 from textual.widgets import Footer, Header, Log
+
+from rbee_tui.screens.base import RbeeScreen
 
 if TYPE_CHECKING:
     from rbee_tui.app import RbeeApp
 
 
-class LogsScreen(Screen[None]):
+class LogsScreen(RbeeScreen[None]):
     BINDINGS = [
         Binding("escape,q", "app.pop_screen", "Back", id="logs.back",
                 tooltip="Back to the dashboard"),

@@ -5,11 +5,12 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen
 from textual.widgets import Button, Label, Static
 
+from rbee_tui.screens.base import RbeeModal
 
-class ConfirmScreen(ModalScreen[bool]):
+
+class ConfirmScreen(RbeeModal[bool]):
     BINDINGS = [
         Binding("escape,n", "dismiss(False)", "No", id="confirm.no", tooltip="Keep it"),
         Binding("y", "dismiss(True)", "Yes", id="confirm.yes", tooltip="Go ahead"),
@@ -31,7 +32,7 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(event.button.id == "yes")
 
 
-class HelpScreen(ModalScreen[None]):
+class HelpScreen(RbeeModal[None]):
     """Every key of the screen below and of the app, from their Binding ids and tooltips."""
 
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close", id="help.close",

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.screen import Screen
 from textual.widgets import Footer, Header, Label
 
+from rbee_tui.screens.base import RbeeScreen
 from rbee_tui.screens.modals import ConfirmScreen
 from rbee_tui.widgets.tables import KeyedTable
 
@@ -26,7 +26,7 @@ class ModelsTable(KeyedTable):
             self.add_column(column, key=column)
 
 
-class ModelsScreen(Screen[None]):
+class ModelsScreen(RbeeScreen[None]):
     BINDINGS = [
         Binding("escape,q", "app.pop_screen", "Back", id="models.back",
                 tooltip="Back to the dashboard"),

@@ -14,13 +14,13 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
 from textual.validation import Function, Integer, Regex, ValidationResult, Validator
 from textual.widgets import Button, Input, Label, Log
 
 from rbee_agent.protocol import ErrorCode, RbeeError
 from rbee_tui.config import DEFAULT_INSTALL_PATH, NODE_NAME_RE, Config, Node
 from rbee_tui.events import Attempt, Finished, HostKeyUnknown, PhaseStarted
+from rbee_tui.screens.base import RbeeModal
 
 
 class _FreeName(Validator):
@@ -38,7 +38,7 @@ def _key_exists(value: str) -> bool:
     return not value or Path(value).expanduser().is_file()
 
 
-class NodeFormScreen(ModalScreen[Node | None]):
+class NodeFormScreen(RbeeModal[Node | None]):
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="node_form.cancel",
                         tooltip="Close without saving")]
 
@@ -75,7 +75,12 @@ class NodeFormScreen(ModalScreen[Node | None]):
                 yield Button("Trust host key", variant="warning", id="trust")
                 yield Button("Cancel", id="cancel")
 
+    TITLES = {"name": "name", "host": "SSH host", "port": "SSH port", "user": "SSH user",
+              "key": "key file", "install": "install path"}
+
     def on_mount(self) -> None:
+        for box in self.query(Input):
+            box.border_title = self.TITLES.get(box.id or "", "")
         self.query_one("#trust").display = False
         self.query_one("#attempts").display = False
 

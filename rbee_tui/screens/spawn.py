@@ -8,18 +8,18 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, ProgressBar, Select
 
 from rbee_agent.protocol import BACKENDS, RbeeError
 from rbee_tui.events import Finished, PhaseStarted, Progress
 from rbee_tui.orchestrator import InferenceSpec, spawn_flow, validate
+from rbee_tui.screens.base import RbeeModal
 
 if TYPE_CHECKING:
     from rbee_tui.app import RbeeApp
 
 
-class SpawnScreen(ModalScreen[None]):
+class SpawnScreen(RbeeModal[None]):
     BINDINGS = [Binding("escape", "dismiss", "Close", id="spawn.close",
                         tooltip="Close (a started worker keeps loading)")]
 

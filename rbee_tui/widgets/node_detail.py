@@ -24,22 +24,23 @@ def describe(snapshot: NodeSnapshot | None) -> Group | Text:
     used = info.ram_total_mb - info.ram_available_mb
     lines: list[Text] = [
         Text.assemble((info.hostname, "bold"),
-                      f"  {info.os.split('-')[0]} {info.arch} · {info.cpu_count} CPUs"),
-        Text.assemble("CPU  ", bar(info.cpu_percent, 100, 20), f" {info.cpu_percent:.0f}%"),
-        Text.assemble("RAM  ", bar(used, info.ram_total_mb, 20),
-                      f" {gb(used)} / {gb(info.ram_total_mb)} GB"),
-        Text(f"disk {gb(info.disk_free_mb)} GB free for models · backends "
-             f"{', '.join(info.backends)}", style="dim"),
+                      (f" · {info.os.split('-')[0]} {info.arch} · {info.cpu_count} CPUs",
+                       "")),
+        Text.assemble("CPU  ", bar(info.cpu_percent, 100, 14), f" {info.cpu_percent:.0f}%"),
+        Text.assemble("RAM  ", bar(used, info.ram_total_mb, 14),
+                      f" {gb(used)}/{gb(info.ram_total_mb)} GB"),
+        Text(f"disk {gb(info.disk_free_mb)} GB free · {', '.join(info.backends)}",
+             style="dim"),
     ]
     for gpu in info.gpus:
         vram_used, vram_total = gpu.vram_used_mb or 0, gpu.vram_total_mb or 0
         extras = [f"{gpu.utilization_percent}% util" if gpu.utilization_percent is not None
                   else "", f"{gpu.temperature_c}°C" if gpu.temperature_c is not None else "",
                   f"{gpu.power_w:.0f} W" if gpu.power_w is not None else ""]
-        lines.append(Text.assemble((f"GPU{gpu.index} {gpu.name}\n", "bold"), "VRAM ",
-                                   bar(vram_used, vram_total, 20),
-                                   f" {gb(vram_used)} / {gb(vram_total)} GB  ",
-                                   ("  ".join(e for e in extras if e), "dim")))
+        lines.append(Text(f"GPU{gpu.index} {gpu.name}", style="bold"))
+        lines.append(Text.assemble("VRAM ", bar(vram_used, vram_total, 14),
+                                   f" {gb(vram_used)}/{gb(vram_total)} GB"))
+        lines.append(Text("     " + " · ".join(e for e in extras if e), style="dim"))
     if not info.gpus:
         lines.append(Text("no GPU: history shows RAM", style="dim"))
     return Group(*lines)

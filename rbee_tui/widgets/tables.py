@@ -43,7 +43,7 @@ def vram_cell(gpus: Sequence[GpuInfo]) -> Text:
     parts: list[Text] = []
     for gpu in gpus:
         used, total = gpu.vram_used_mb or 0, gpu.vram_total_mb or 0
-        parts.append(Text.assemble(bar(used, total, 6), f" {gb(used)}/{gb(total)}G"))
+        parts.append(Text.assemble(bar(used, total, 4), f"{gb(used)}/{gb(total)}"))
     return Text(" ").join(parts)
 
 
@@ -77,7 +77,7 @@ class KeyedTable(DataTable[Cell]):
 
 
 class NodesTable(KeyedTable):
-    COLUMNS = ("NODE", "STATUS", "AGENT", "CPU", "RAM GB", "VRAM", "WORKERS", "TOK/S")
+    COLUMNS = ("NODE", "STATUS", "AGENT", "CPU", "RAM GB", "VRAM", "WORKERS", "TOK/S", "NOTE")
 
     def on_mount(self) -> None:
         self.cursor_type = "row"
@@ -90,8 +90,10 @@ class NodesTable(KeyedTable):
         for s in snapshots:
             info = s.info
             if info is None:
+                reason = s.reason or ""
+                short = reason if len(reason) <= 40 else reason[:39] + "…"
                 rows.append((s.name, [s.name, status_cell(s), s.agent_version or "-",
-                                      "-", "-", Text(s.reason or "", style="red"), "-", "-"]))
+                                      "-", "-", "-", "-", "-", Text(short, style="red")]))
                 continue
             used = info.ram_total_mb - info.ram_available_mb
             rows.append((s.name, [
@@ -99,7 +101,7 @@ class NodesTable(KeyedTable):
                 Text.assemble(bar(used, info.ram_total_mb, 6),
                               f" {gb(used)}/{gb(info.ram_total_mb)}"),
                 vram_cell(info.gpus), str(len(s.workers)),
-                f"{rates.get(s.name, 0.0):.1f}",
+                f"{rates.get(s.name, 0.0):.1f}", "",
             ]))
         self.sync(rows)
 
