@@ -6,11 +6,14 @@ what a person sees.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
+import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input
 
+from rbee_tui.screens import chat
 from tests.tui_support import fill, make_app
 
 SIZE = (120, 36)
@@ -75,7 +78,11 @@ def test_snapshot_logs(snap_compare: Callable[..., bool]) -> None:
     assert snap_compare(app, terminal_size=SIZE, run_before=before)
 
 
-def test_snapshot_chat_mid_stream(snap_compare: Callable[..., bool]) -> None:
+def test_snapshot_chat_mid_stream(snap_compare: Callable[..., bool],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A clock that ticks 10 ms per reading, so the tokens/s readout is the same every run.
+    ticks = itertools.count()
+    monkeypatch.setattr(chat.time, "perf_counter", lambda: next(ticks) * 0.01)
     app, _ = make_app(hold_stream=True)
 
     async def before(pilot: Pilot[None]) -> None:
