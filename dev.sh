@@ -2,6 +2,7 @@
 # Set up rbee in ./.venv (once; again only when pyproject.toml or this file changes), then
 #   ./dev.sh          run rbee
 #   ./dev.sh test     run the whole test suite (extra arguments go to pytest)
+#   ./dev.sh screenshots   regenerate screenshots/*.svg from a real run
 # llama-cpp-python compiles from source on first install (about 6 minutes on 2 cores); pip
 # keeps the built wheel in its cache, so later set-ups on this machine reuse it.
 set -euo pipefail
@@ -36,6 +37,7 @@ cmd=${1:-run}
 case $cmd in
     run) setup; exec "$VENV/bin/rbee" "$@" ;;
     test) setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+    screenshots) setup; exec "$VENV/bin/python" tools/screenshots.py "$@" ;;
     setup) setup ;;
-    *) echo "usage: ./dev.sh [run|test|setup] [args...]" >&2; exit 2 ;;
+    *) echo "usage: ./dev.sh [run|test|screenshots|setup] [args...]" >&2; exit 2 ;;
 esac

@@ -1,0 +1,123 @@
+"""Regenerate screenshots/*.svg from a real run (B79): `./dev.sh screenshots`.
+
+Runs the real dashboard against a real local agent with the bundled model, in an isolated
+config (nothing of yours is touched), drives it with Textual's Pilot and saves one SVG per
+screen: dashboard, chat mid-stream, models, logs, help, node form and install log. The
+install log comes from a real install attempt over SSH when `RBEE_SCREENSHOT_SSH` names a
+node (`user@host:port`); otherwise it shows a real failing install against a closed port,
+which is what an operator sees when a node is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "screenshots"
+SIZE = (120, 36)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(pilot: object, check: object, timeout: float = 60.0) -> None:
+    for _ in range(int(timeout / 0.1)):
+        if check():  # type: ignore[operator]
+            return
+        await pilot.pause(0.1)  # type: ignore[attr-defined]
+    raise SystemExit(f"screenshots: timed out waiting for {check}")
+
+
+async def shoot(home: Path) -> None:
+    from textual.widgets import Input, Label, Log
+
+    from rbee_tui.app import RbeeApp
+    from rbee_tui.config import Node, load_config, save_config
+    from rbee_tui.links import NodeLinks
+    from rbee_tui.node_source import LiveNodeSource
+    from rbee_tui.widgets.tables import WorkersTable
+
+    config = load_config()
+    config.nodes["gpu-offline"] = Node(name="gpu-offline", ssh_host="127.0.0.1",
+                                       ssh_port=free_port(), transport="ssh")
+    save_config(config)
+    links = NodeLinks(config)
+    app = RbeeApp(config, LiveNodeSource(config, links), links, save_theme=False)
+
+    def save(name: str) -> None:
+        for box in app.screen.query(Input):
+            box.cursor_blink = False
+        app.save_screenshot(filename=f"{name}.svg", path=str(OUT))
+        print(f"screenshots/{name}.svg", flush=True)
+
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.snapshot("localhost").status == "up")
+        await pilot.press("c")
+        chat = app.screen
+        await pilot.pause(0.5)
+        await pilot.press(*"Write a short poem about honey bees.", "enter")
+        await wait_for(pilot, lambda: "tokens ·" in str(
+            chat.query_one("#chat-status", Label).render()) and len(chat.history) == 1
+            and int(str(chat.query_one("#chat-status", Label).render()).split()[0]) >= 40)
+        save("chat")
+        await wait_for(pilot, lambda: chat.generating is None)  # type: ignore[attr-defined]
+        await pilot.press("escape")
+        app.poll_now("localhost")
+        await wait_for(pilot, lambda: app.dashboard.query_one(WorkersTable).row_count > 0)
+        await pilot.pause(4.5)  # two more polls: the sparkline has a few points
+        save("dashboard")
+        await pilot.press("question_mark")
+        await pilot.pause(0.3)
+        save("help")
+        await pilot.press("escape", "m")
+        await pilot.pause(1.0)
+        save("models")
+        await pilot.press("escape", "l")
+        await wait_for(pilot, lambda: app.screen.query_one(Log).line_count > 3)
+        await pilot.pause(0.5)
+        save("logs")
+        await pilot.press("escape", "a")
+        await pilot.pause(0.3)
+        await pilot.press(*"gpu2", "tab", *"10.0.0.22", "tab", "tab", *"ops")
+        await pilot.pause(0.3)
+        save("node-form")
+        await pilot.press("escape", "G", "i")
+        await wait_for(pilot, lambda: "✗" in "\n".join(
+            app.screen.query_one(Log).lines) or "✓ " in "\n".join(
+            app.screen.query_one(Log).lines[-1:]), timeout=600)
+        await pilot.pause(0.3)
+        save("install-log")
+        await pilot.press("escape")
+
+
+def main() -> int:
+    OUT.mkdir(exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="rbee-screens-"))
+    port = free_port()
+    (home / "config.toml").write_text(f"[settings]\nlocal_agent_port = {port}\n"
+                                      "ssh_connect_timeout_s = 1.0\n")
+    os.environ["RBEE_CONFIG"] = str(home / "config.toml")
+    try:
+        asyncio.run(shoot(home))
+    finally:
+        from rbee_tui import local_agent
+
+        pid = local_agent.recorded_pid()
+        if pid is not None:
+            local_agent.stop(pid)
+        shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    raise SystemExit(main())
