@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee_agent import __version__
+from rbee_agent.loop import run as run_loop
 from rbee_agent.protocol import RbeeError
 from rbee_agent.settings import AgentSettings, add_setting_flags, load_settings
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     setup_logging(settings, args.debug)
     log.info("settings from %s", config_path)
-    return asyncio.run(serve(settings))
+    return run_loop(serve(settings))
 
 
 async def serve(settings: AgentSettings) -> int:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import httpx
 from fastapi import Request, Response
 
+from rbee_agent import relay
 from rbee_agent.protocol import (
     SSE_DONE,
     ErrorCode,
@@ -48,33 +49,33 @@ async def proxy_inference(sup: Supervisor, worker: ManagedWorker, request: Reque
     body = await request.body()
     request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
     headers = {**worker.auth, REQUEST_ID_HEADER: request_id,
-               "content-type": "application/json"}
-    upstream_request = sup.http.build_request(
-        "POST", f"{worker.url}/v1/inference", content=body, headers=headers
-    )
+               "Content-Type": "application/json"}
     worker.begin_request()
     try:
-        upstream = await sup.http.send(upstream_request, stream=True)
-    except httpx.TransportError as exc:
+        upstream = await relay.post(worker.host, worker.port, "/v1/inference", headers, body)
+    except relay.RelayError as exc:
         worker.end_request()
-        raise _worker_gone(worker, type(exc).__name__) from None
+        raise _worker_gone(worker, str(exc)) from None
     content_type = upstream.headers.get("content-type", "")
-    if upstream.status_code != 200 or not content_type.startswith("text/event-stream"):
+    if upstream.status != 200 or not content_type.startswith("text/event-stream"):
         try:
-            payload = await upstream.aread()
+            payload = await upstream.read()
+        except relay.RelayError as exc:
+            raise _worker_gone(worker, str(exc)) from None
         finally:
             await upstream.aclose()
             worker.end_request()
-        return Response(payload, status_code=upstream.status_code, media_type=content_type,
+        return Response(payload, status_code=upstream.status, media_type=content_type,
                         headers={REQUEST_ID_HEADER: request_id})
     return SSEResponse(_relay(worker, upstream), headers={REQUEST_ID_HEADER: request_id})
 
 
-async def _relay(worker: ManagedWorker, upstream: httpx.Response) -> AsyncIterator[bytes]:
+async def _relay(worker: ManagedWorker, upstream: relay.UpstreamResponse
+                 ) -> AsyncIterator[bytes]:
     pending = b""
     finished = False
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.body_chunks():
             pending += chunk
             cut = pending.rfind(b"\n\n")
             if cut < 0:
@@ -85,9 +86,9 @@ async def _relay(worker: ManagedWorker, upstream: httpx.Response) -> AsyncIterat
             if b'"done":true' in frames:
                 _count_tokens(worker, frames)
         if not finished:
-            raise httpx.RemoteProtocolError("stream ended before [DONE]")
-    except httpx.HTTPError as exc:
-        err = _worker_gone(worker, type(exc).__name__)
+            raise relay.RelayError("the stream ended before [DONE]")
+    except relay.RelayError as exc:
+        err = _worker_gone(worker, str(exc))
         log.warning("%s", err.message)
         yield sse_frame(StreamErrorEvent(error=err.to_body().error))
         yield _DONE_FRAME

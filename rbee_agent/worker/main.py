@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from rbee_agent.loop import run as run_loop
 from rbee_agent.protocol import BACKENDS, RbeeError
 
 API_KEY_ENV = "RBEE_WORKER_API_KEY"
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device, ctx_size=args.ctx_size, threads=args.threads, slots=args.slots,
         drain_timeout_s=args.drain_timeout, max_request_bytes=args.max_request_bytes,
     )
-    return asyncio.run(serve(settings, engine))
+    return run_loop(serve(settings, engine))
 
 
 async def serve(settings: object, engine: object) -> int:
