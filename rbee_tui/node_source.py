@@ -71,6 +71,7 @@ class LiveNodeSource:
                 info, workers = await asyncio.gather(client.node_info(), client.workers())
         except (RbeeError, TimeoutError) as exc:
             await self._drop(name)
+            self.links.suspect(name)
             reason = exc.message if isinstance(exc, RbeeError) else (
                 f"no answer within {self.timeout_s:g} s")
             return NodeSnapshot(name=name, status="down", reason=reason)

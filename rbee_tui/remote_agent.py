@@ -30,7 +30,7 @@ from rbee_agent import __version__
 from rbee_agent.protocol import ErrorCode, HealthReply, RbeeError
 from rbee_tui.config import Node, OperatorSettings
 from rbee_tui.events import Event, Finished, PhaseDone, PhaseStarted
-from rbee_tui.ssh import (
+from rbee_tui.ssh_conn import (
     AGENT_VERSION_PY,
     VENV_DIR,
     Dialer,
@@ -179,6 +179,12 @@ p=$(agent_pid) && echo "process_pid=$p"
 true
 """
 
+_RUNNING = r"""
+if [ "$ctl" = yes ] && [ -f "$units/$unit" ] && systemctl --user is-active --quiet "$unit"
+then echo "running=yes"; exit 0; fi
+if agent_pid >/dev/null; then echo "running=yes"; else echo "running=no"; fi
+"""
+
 _START_PROCESS = r"""
 set -e
 mkdir -p "$d/logs"
@@ -199,11 +205,11 @@ if p=$(agent_pid); then
   kill -TERM "$p" 2>/dev/null || true
   i=0
   while alive "$p"; do
-    i=$((i + 1))
     if [ "$i" -ge __STEPS__ ]; then
       kill -KILL "$p" 2>/dev/null || true; echo "killed=yes"; break
     fi
     sleep 0.1
+    i=$((i + 1))
   done
   stopped="$p"
 fi
@@ -299,9 +305,16 @@ class RemoteAgent:
                             what="Enabling the systemd user unit")
         return "systemd"
 
-    async def start(self) -> AgentStatus:
-        """Start the agent unless it runs; returns the status right after (no health wait)."""
-        status = await self.require_installed()
+    async def running(self) -> bool:
+        """The light check: is the agent process (or its unit) alive?"""
+        out = await self.conn.run_script(self._script(_RUNNING), what="Checking the agent")
+        return parse_facts(out.stdout).get("running") == "yes"
+
+    async def start(self, status: AgentStatus | None = None) -> AgentStatus:
+        """Start the agent unless it runs; returns the status right after (no health wait).
+        `status`: a status read just before, to save a round trip."""
+        if status is None or not status.installed:
+            status = await self.require_installed()
         if status.running:
             return status
         if status.manager == "systemd":
@@ -350,7 +363,7 @@ class RemoteAgent:
                         f"within {limit:g} s")
                 if now - checked >= LIVENESS_EVERY_S:
                     checked = now
-                    if not (await self.status()).running:
+                    if not await self.running():
                         raise await self._start_failed("exited while starting")
                 await asyncio.sleep(HEALTH_POLL_S)
 
@@ -375,7 +388,9 @@ class RemoteAgent:
     async def _start_failed(self, what: str) -> RbeeError:
         tails = await self.log_tails(lines=20)
         lines = next((t.lines for t in tails if t.lines), [])
-        last = lines[-1] if lines else "no output"
+        # the line that says what went wrong, rather than a trailing hint or blank
+        last = next((ln for ln in reversed(lines) if "error" in ln.lower()),
+                    lines[-1] if lines else "no output")
         source = next((t.source for t in tails if t.lines), self.layout.out_file)
         return RbeeError(
             ErrorCode.AGENT_UNREACHABLE,
@@ -412,7 +427,8 @@ async def start_agent(node: Node, settings: OperatorSettings) -> AsyncIterator[E
     """Start the node's agent (no-op when it runs) and wait for its health.
 
     Events: PhaseStarted/Attempt/PhaseDone("ssh"), PhaseStarted/PhaseDone("start"),
-    PhaseStarted/PhaseDone("health"), Finished(data=AgentStatus fields + health version).
+    PhaseStarted/PhaseDone("health"), Finished(data=AgentStatus fields + agent_version,
+    the version the agent's health reports).
     Raises AGENT_NOT_INSTALLED, AGENT_UNREACHABLE (with the log tail), VERSION_MISMATCH.
     """
     dialer = Dialer(node, settings)
@@ -428,7 +444,7 @@ async def _start_and_wait(agent: RemoteAgent) -> AsyncIterator[Event]:
     node = agent.node
     yield PhaseStarted("start", f"Starting the agent on node '{node.name}'")
     before = await agent.require_installed()
-    status = await agent.start()
+    status = await agent.start(before)
     how = "systemd --user" if status.manager == "systemd" else "detached process"
     yield PhaseDone("start", f"Already running (pid {before.pid})" if before.running
                     else f"Started as a {how} (pid {status.pid})")
@@ -439,7 +455,7 @@ async def _start_and_wait(agent: RemoteAgent) -> AsyncIterator[Event]:
     yield PhaseDone("health", f"rbee {health.version} answers")
     yield Finished(f"The agent of node '{node.name}' runs rbee {health.version} "
                    f"(pid {status.pid}, {how})",
-                   data={**status.to_dict(), "version": health.version})
+                   data={**status.to_dict(), "agent_version": health.version})
 
 
 async def stop_agent(node: Node, settings: OperatorSettings, *,

@@ -31,3 +31,24 @@ def test_every_rbee_agent_module_imports_without_textual_or_asyncssh() -> None:
                          cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"rbee_agent pulled in: {out.stdout.strip()}"
+
+
+def test_operator_side_imports_no_agent_dependencies() -> None:
+    """`pip install rbee[operator]` must be enough to run rbee (no fastapi, no llama.cpp)."""
+    import rbee_tui
+
+    modules = sorted(m.name for m in pkgutil.walk_packages(rbee_tui.__path__, "rbee_tui.")
+                     if not m.name.endswith("__main__"))
+    assert "rbee_tui.app" in modules and "rbee_tui.ssh" in modules
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'fastapi', 'uvicorn', 'starlette', 'llama_cpp', 'gguf', 'psutil', 'pynvml'})\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"rbee_tui pulled in: {out.stdout.strip()}"

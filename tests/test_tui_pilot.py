@@ -104,7 +104,8 @@ async def test_b76_help_lists_the_screens_keys() -> None:
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("question_mark")
         text = str(app.screen.query_one("#help-text").render())
-        for words in ("Add a node: SSH is tested", "Install or upgrade the agent", "Show every key"):
+        for words in ("Add a node: SSH is tested", "Install or upgrade the agent",
+                      "Show every key"):
             assert words in text
 
 

@@ -29,8 +29,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_for(pilot: object, check: object, timeout: float = 60.0) -> None:
-    for _ in range(int(timeout / 0.1)):
+async def wait_for(pilot: object, check: object, limit_s: float = 60.0) -> None:
+    for _ in range(int(limit_s / 0.1)):
         if check():  # type: ignore[operator]
             return
         await pilot.pause(0.1)  # type: ignore[attr-defined]
@@ -93,7 +93,7 @@ async def shoot(home: Path) -> None:
         await pilot.press("escape", "G", "i")
         await wait_for(pilot, lambda: "✗" in "\n".join(
             app.screen.query_one(Log).lines) or "✓ " in "\n".join(
-            app.screen.query_one(Log).lines[-1:]), timeout=600)
+            app.screen.query_one(Log).lines[-1:]), limit_s=600)
         await pilot.pause(0.3)
         save("install-log")
         await pilot.press("escape")
