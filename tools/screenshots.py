@@ -23,6 +23,36 @@ OUT = REPO / "screenshots"
 SIZE = (120, 36)
 
 
+async def lab_node(home: Path) -> object:
+    """A second node: this machine over a real OpenSSH sshd on loopback when sshd is
+    installed (the install log then shows a real, successful install into a temporary
+    path); otherwise a closed port, and the install log shows the real failure."""
+    import getpass
+
+    from rbee_tui.config import Node
+
+    install = home / "gpu-lab"
+    if os.access("/usr/sbin/sshd", os.X_OK):
+        from rbee_tui.ssh import check_connection
+        from tests.ssh_support import fast_settings, make_key, start_sshd
+
+        key = make_key(home / "id_ed25519")
+        sshd = start_sshd(home / "sshd", [key])
+        SSHD.append(sshd)
+        node = Node(name="gpu-lab", ssh_host="127.0.0.1", ssh_port=sshd.port,
+                    ssh_user=getpass.getuser(), ssh_key=str(key), install_path=str(install),
+                    agent_port=free_port())
+
+        async for _ in check_connection(node, fast_settings(), accept_new_host_key=True):
+            pass
+        return node
+    return Node(name="gpu-lab", ssh_host="127.0.0.1", ssh_port=free_port(),
+                install_path=str(install))
+
+
+SSHD: list[object] = []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,14 +71,13 @@ async def shoot(home: Path) -> None:
     from textual.widgets import Input, Label, Log
 
     from rbee_tui.app import RbeeApp
-    from rbee_tui.config import Node, load_config, save_config
+    from rbee_tui.config import load_config, save_config
     from rbee_tui.links import NodeLinks
     from rbee_tui.node_source import LiveNodeSource
     from rbee_tui.widgets.tables import WorkersTable
 
     config = load_config()
-    config.nodes["gpu-offline"] = Node(name="gpu-offline", ssh_host="127.0.0.1",
-                                       ssh_port=free_port(), transport="ssh")
+    config.nodes["gpu-lab"] = await lab_node(home)  # type: ignore[assignment]
     save_config(config)
     links = NodeLinks(config)
     app = RbeeApp(config, LiveNodeSource(config, links), links, save_theme=False)
@@ -61,17 +90,35 @@ async def shoot(home: Path) -> None:
 
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.snapshot("localhost").status == "up")
-        await pilot.press("c")
+        await pilot.press("a")
+        await pilot.pause(0.3)
+        await pilot.press(*"gpu2", "tab", *"10.0.0.22", "tab", "tab", *"ops")
+        await pilot.pause(0.3)
+        save("node-form")
+        await pilot.press("escape", "G", "i")
+
+        def install_done() -> bool:
+            text = "\n".join(app.screen.query_one(Log).lines)
+            return "✗" in text or "✓ Agent" in text or "healthy" in text
+
+        await wait_for(pilot, install_done, limit_s=600)
+        await pilot.pause(0.5)
+        save("install-log")
+        await pilot.press("escape", "g", "c")
         chat = app.screen
         await pilot.pause(0.5)
         await pilot.press(*"Write a short poem about honey bees.", "enter")
-        await wait_for(pilot, lambda: "tokens ·" in str(
-            chat.query_one("#chat-status", Label).render()) and len(chat.history) == 1
-            and int(str(chat.query_one("#chat-status", Label).render()).split()[0]) >= 40)
+
+        def streaming() -> bool:
+            status = str(chat.query_one("#chat-status", Label).render())
+            return "tokens ·" in status and int(status.split()[0]) >= 40
+
+        await wait_for(pilot, streaming)
         save("chat")
         await wait_for(pilot, lambda: chat.generating is None)  # type: ignore[attr-defined]
         await pilot.press("escape")
         app.poll_now("localhost")
+        app.poll_now("gpu-lab")
         await wait_for(pilot, lambda: app.dashboard.query_one(WorkersTable).row_count > 0)
         await pilot.pause(4.5)  # two more polls: the sparkline has a few points
         save("dashboard")
@@ -85,18 +132,13 @@ async def shoot(home: Path) -> None:
         await wait_for(pilot, lambda: app.screen.query_one(Log).line_count > 3)
         await pilot.pause(0.5)
         save("logs")
-        await pilot.press("escape", "a")
-        await pilot.pause(0.3)
-        await pilot.press(*"gpu2", "tab", *"10.0.0.22", "tab", "tab", *"ops")
-        await pilot.pause(0.3)
-        save("node-form")
-        await pilot.press("escape", "G", "i")
-        await wait_for(pilot, lambda: "✗" in "\n".join(
-            app.screen.query_one(Log).lines) or "✓ " in "\n".join(
-            app.screen.query_one(Log).lines[-1:]), limit_s=600)
-        await pilot.pause(0.3)
-        save("install-log")
         await pilot.press("escape")
+        from rbee_tui import ssh
+
+        node = app.config.nodes.get("gpu-lab")
+        if node is not None and node.api_key:
+            async for _ in ssh.stop_agent(node, app.config.settings):
+                pass
 
 
 def main() -> int:
@@ -114,6 +156,8 @@ def main() -> int:
         pid = local_agent.recorded_pid()
         if pid is not None:
             local_agent.stop(pid)
+        for sshd in SSHD:
+            sshd.stop()  # type: ignore[attr-defined]
         shutil.rmtree(home, ignore_errors=True)
     return 0
 
