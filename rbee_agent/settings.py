@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rbee_agent.auth import new_api_key
 from rbee_agent.protocol import ErrorCode, RbeeError
-from rbee_agent.tomlfile import write_private_toml
+from rbee_agent.tomlfile import read_toml, write_private_toml
 
 APP = "rbee"
 API_KEY_ENV = "RBEE_AGENT_API_KEY"
@@ -63,6 +62,15 @@ class AgentSettings(BaseModel):
     idle_check_s: float = Field(default=5.0, gt=0)
     stop_grace_s: float = Field(default=30.0, gt=0)
     start_timeout_s: float = Field(default=300.0, gt=0)
+    # model downloads (B37); the hub is $HF_ENDPOINT (default https://huggingface.co)
+    download_attempts: int = Field(default=6, ge=1)
+    download_backoff_s: float = Field(default=0.1, ge=0)  # doubles after each failed attempt
+    download_stall_timeout_s: float = Field(default=60.0, gt=0)  # no bytes for this long
+    download_connect_timeout_s: float = Field(default=10.0, gt=0)  # also each hub API call
+    download_reserve_mb: int = Field(default=512, ge=0)  # left free on the models disk
+    download_progress_interval_s: float = Field(default=0.25, gt=0)
+    download_speed_window_s: float = Field(default=3.0, gt=0)
+    download_jobs_kept: int = Field(default=100, ge=1)  # finished jobs still answerable
     # logs
     log_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
     log_backups: int = Field(default=3, ge=0)
@@ -85,20 +93,6 @@ class AgentSettings(BaseModel):
 # ------------------------------------------------------------------------ loading
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        return {}
-    except tomllib.TOMLDecodeError as exc:
-        raise RbeeError(
-            ErrorCode.INVALID_CONFIG,
-            f"The agent config {path} is not valid TOML: {exc}",
-            hint="Fix the file, or move it away to start from defaults.",
-        ) from None
-
-
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """One `--flag` per setting, so every number can be set from the command line."""
     for name, field in AgentSettings.model_fields.items():
@@ -116,7 +110,7 @@ def load_settings(
     api_key_file: Path | None = None,
 ) -> tuple[AgentSettings, Path]:
     path = config_file or default_config_file()
-    data = read_toml(path)
+    data = read_toml(path, "the agent config")
     merged = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     try:
         settings = AgentSettings.model_validate(merged)

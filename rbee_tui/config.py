@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +19,7 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rbee_agent.protocol import ErrorCode, RbeeError
-from rbee_agent.tomlfile import write_private_toml
+from rbee_agent.tomlfile import read_toml, write_private_toml
 
 APP = "rbee"
 CONFIG_ENV = "RBEE_CONFIG"
@@ -136,17 +135,7 @@ def validate_node_name(name: str) -> str:
 
 def load_config(path: Path | None = None) -> Config:
     path = path or config_path()
-    try:
-        with path.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError:
-        return Config()
-    except tomllib.TOMLDecodeError as exc:
-        raise RbeeError(
-            ErrorCode.INVALID_CONFIG,
-            f"The config file {path} is not valid TOML: {exc}",
-            hint="Fix the file by hand; rbee will not overwrite it while it is broken.",
-        ) from None
+    raw = read_toml(path, "the config file")
     nodes = {name: {**table, "name": name} for name, table in raw.get("nodes", {}).items()}
     try:
         return Config.model_validate({"settings": raw.get("settings", {}), "nodes": nodes})

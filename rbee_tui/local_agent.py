@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import httpx
 from rbee_agent.auth import new_api_key
 from rbee_agent.protocol import ErrorCode, RbeeError
 from rbee_agent.settings import default_config_file
-from rbee_agent.tomlfile import write_private_toml
+from rbee_agent.tomlfile import read_toml, write_private_toml
 from rbee_tui.config import CONFIG_ENV, OperatorSettings, state_dir
 
 
@@ -50,20 +49,9 @@ def pid_file() -> Path:
     return state_dir() / "local-agent.pid"
 
 
-def _read_config(path: Path) -> dict[str, object]:
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        return {}
-    except tomllib.TOMLDecodeError as exc:
-        raise RbeeError(ErrorCode.INVALID_CONFIG,
-                        f"The local agent config {path} is not valid TOML: {exc}") from None
-
-
 def ensure_key(path: Path) -> str:
     """The local agent's key; generated (0600) before the first start so both sides know it."""
-    data = _read_config(path)
+    data: dict[str, object] = read_toml(path, "the local agent config")
     key = data.get("api_key")
     if isinstance(key, str) and key:
         return key
