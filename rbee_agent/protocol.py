@@ -50,6 +50,12 @@ class ErrorCode(StrEnum):
     MODEL_ALREADY_EXISTS = "MODEL_ALREADY_EXISTS"
     MODEL_IN_USE = "MODEL_IN_USE"
     MODEL_PROTECTED = "MODEL_PROTECTED"
+    # model downloads (B37)
+    MODEL_ACCESS_DENIED = "MODEL_ACCESS_DENIED"
+    INSUFFICIENT_DISK = "INSUFFICIENT_DISK"
+    CHECKSUM_MISMATCH = "CHECKSUM_MISMATCH"
+    DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
+    DOWNLOAD_NOT_FOUND = "DOWNLOAD_NOT_FOUND"
     # agent and supervisor (B20-B32)
     INVALID_CONFIG = "INVALID_CONFIG"
     INVALID_BACKEND = "INVALID_BACKEND"
@@ -103,6 +109,11 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_ALREADY_EXISTS: 409,
     ErrorCode.MODEL_IN_USE: 409,
     ErrorCode.MODEL_PROTECTED: 409,
+    ErrorCode.MODEL_ACCESS_DENIED: 403,
+    ErrorCode.INSUFFICIENT_DISK: 507,
+    ErrorCode.CHECKSUM_MISMATCH: 502,
+    ErrorCode.DOWNLOAD_FAILED: 502,
+    ErrorCode.DOWNLOAD_NOT_FOUND: 404,
     ErrorCode.INVALID_CONFIG: 400,
     ErrorCode.INVALID_BACKEND: 400,
     ErrorCode.BACKEND_UNAVAILABLE: 409,
@@ -220,12 +231,20 @@ class ReadyReply(BaseModel):
 class LoadingProgress(BaseModel):
     """One event of a worker's `GET /v1/loading/progress` (B41), and of the agent's
     `GET /v1/workers/{id}/progress`, which adds `starting` (process up, model not yet
-    opening) before the worker's own events."""
+    opening) before the worker's own events.
 
-    stage: Literal["starting", "loading", "ready", "failed"]
+    A worker spawned for an `hf:` model the node does not have yet first reports
+    `downloading` (B37), with the `bytes_*` and `speed_mbps` fields of `DownloadProgress`
+    and no layers yet (0 of 0); the other stages never carry those fields.
+    """
+
+    stage: Literal["downloading", "starting", "loading", "ready", "failed"]
     layers_loaded: int
     layers_total: int
     error: ErrorDetail | None = None
+    bytes_downloaded: int | None = None
+    bytes_total: int | None = None
+    speed_mbps: float | None = None
 
 
 class ChatMessage(BaseModel):
@@ -475,3 +494,63 @@ class LogLine(BaseModel):
 
     source: str
     line: str
+
+
+# --------------------------------------------------------------------------- downloads (B37)
+
+DownloadStage = Literal["downloading", "complete", "failed"]
+
+
+class DownloadRequest(BaseModel):
+    """`POST /v1/models/download`: fetch an `hf:` model into the node's models directory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_ref: str = Field(min_length=1, max_length=2048)
+
+
+class DownloadProgress(BaseModel):
+    """One event of `GET /v1/models/download/{job_id}/progress` (B37).
+
+    `downloading` events repeat (bytes so far, of the total over every file of the model;
+    `speed_mbps` is MB/s — MiB per second, as every size in rbee — over the last seconds);
+    then one `complete` (with `local_path` and the catalog `model_id`) or one `failed`
+    (with `error`), then the stream's `[DONE]`. `attempt` counts from 1 and goes up when a
+    broken or stalled transfer is resumed.
+    """
+
+    stage: DownloadStage
+    job_id: str
+    model_ref: str
+    bytes_downloaded: int = 0
+    bytes_total: int = 0
+    speed_mbps: float = 0.0
+    file: str | None = None
+    attempt: int = 1
+    local_path: str | None = None
+    model_id: str | None = None
+    error: ErrorDetail | None = None
+
+
+class DownloadJob(BaseModel):
+    """The reply to `POST /v1/models/download` (202 while running, 200 when the node already
+    has the model) and to `GET`/`DELETE /v1/models/download/{job_id}`.
+
+    `joined` is true when the request found a download of the same model under way and
+    joined it instead of starting another. `files` are the repo paths fetched, in order (a
+    model split into parts has several; none when the node already had the model);
+    `reference` is the catalog reference the model gets.
+    """
+
+    job_id: str
+    model_ref: str
+    reference: str
+    stage: DownloadStage
+    files: list[str]
+    bytes_total: int
+    bytes_downloaded: int
+    progress_url: str
+    joined: bool = False
+    local_path: str | None = None
+    model_id: str | None = None
+    error: ErrorDetail | None = None

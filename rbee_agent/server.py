@@ -25,6 +25,8 @@ from rbee_agent.logs import follow_lines, tail_lines
 from rbee_agent.protocol import (
     SSE_DONE,
     CatalogEntry,
+    DownloadJob,
+    DownloadRequest,
     ErrorCode,
     HealthReply,
     LogLine,
@@ -39,6 +41,7 @@ from rbee_agent.protocol import (
     WorkersReply,
     sse_frame,
 )
+from rbee_agent.provision import split_parts
 from rbee_agent.proxy import proxy_cancel, proxy_inference
 from rbee_agent.settings import AgentSettings
 from rbee_agent.sse import SSEResponse
@@ -162,11 +165,46 @@ def create_app(
             )
         owned = owned_file(entry, settings.models_path)
         if owned is not None:
-            await asyncio.to_thread(owned.unlink, missing_ok=True)
+            parts = split_parts(owned) if entry.provider == "hf" else [owned]
+            for part in parts:
+                await asyncio.to_thread(part.unlink, missing_ok=True)
         await asyncio.to_thread(catalog.remove, model_id)
         log.info("model %s removed from the catalog%s", model_id,
                  f" and {owned} deleted" if owned else " (its file is not ours; kept)")
         return entry
+
+    # ---------------------------------------------------------------- downloads (B37)
+
+    downloads = supervisor.downloads
+
+    @api.post("/v1/models/download", response_model=DownloadJob)
+    async def start_download(request: Request) -> JSONResponse:
+        body = await parse_body(request, DownloadRequest)
+        job, joined = await downloads.start(body.model_ref)
+        info = job.info(joined=joined)
+        return JSONResponse(info.model_dump(exclude_none=True),
+                            status_code=202 if job.running else 200)
+
+    @api.get("/v1/models/download/{job_id}", response_model=DownloadJob,
+             response_model_exclude_none=True)
+    async def get_download(job_id: str) -> DownloadJob:
+        return downloads.get(job_id).info()
+
+    @api.delete("/v1/models/download/{job_id}", response_model=DownloadJob,
+                response_model_exclude_none=True)
+    async def cancel_download(job_id: str) -> DownloadJob:
+        return (await downloads.cancel(job_id)).info()
+
+    @api.get("/v1/models/download/{job_id}/progress")
+    async def download_progress(job_id: str) -> SSEResponse:
+        job = downloads.get(job_id)
+
+        async def frames() -> AsyncIterator[bytes]:
+            async for event in job.progress.follow():
+                yield sse_frame(event)
+            yield sse_frame(SSE_DONE)
+
+        return SSEResponse(frames())
 
     @api.get("/v1/logs", response_model=LogsReply)
     async def logs(

@@ -5,6 +5,10 @@ process (`python -m rbee_agent.worker`) with its own API key, its output piped i
 rotated per-worker log, and three watchers: process exit (noticed the moment it happens),
 start-up progress (relayed from the worker's own SSE), and the shared health and idle loops.
 
+A worker for an `hf:` model the node does not have yet starts (or joins) its download
+first: it is listed as `loading` from the start, its progress stream carries the download
+stage, and the process is launched once the model is in the catalog (B37).
+
 It never blocks the event loop: processes are asyncio subprocesses, HTTP is httpx async,
 and catalog or resource calls that touch the disk run in threads.
 """
@@ -32,11 +36,13 @@ import httpx
 from rbee_agent import resources
 from rbee_agent.auth import new_api_key
 from rbee_agent.broadcast import Broadcast
-from rbee_agent.catalog import Catalog
+from rbee_agent.catalog import Catalog, derive_id
+from rbee_agent.downloads import Download, DownloadManager
 from rbee_agent.model_refs import CatalogRef, FileRef, HfRef, parse_model_ref
 from rbee_agent.protocol import (
     BACKENDS,
     CatalogEntry,
+    DownloadProgress,
     ErrorCode,
     LoadingProgress,
     RbeeError,
@@ -46,6 +52,7 @@ from rbee_agent.protocol import (
     WorkerReadyCallback,
     WorkerState,
 )
+from rbee_agent.provision import Plan
 from rbee_agent.settings import AgentSettings
 
 log = logging.getLogger("rbee.agent")
@@ -152,6 +159,7 @@ class Supervisor:
         self._spawn_lock = asyncio.Lock()
         self._closing = False
         self._worker_log_dir = settings.log_dir / "workers"
+        self.downloads = DownloadManager(settings, catalog)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -180,6 +188,7 @@ class Supervisor:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.downloads.close()
         await self.http.aclose()
 
     # ------------------------------------------------------------------ lookup
@@ -206,7 +215,9 @@ class Supervisor:
 
     # ------------------------------------------------------------------ models
 
-    async def resolve_model(self, model_ref: str) -> CatalogEntry:
+    async def resolve_model(self, model_ref: str) -> CatalogEntry | Plan:
+        """The catalog entry for `model_ref`; for an `hf:` model not on the node yet, the
+        plan to download it (the hub is asked; nothing is fetched yet)."""
         ref = parse_model_ref(model_ref)
         if isinstance(ref, CatalogRef):
             entry = await asyncio.to_thread(self.catalog.get, ref.name)
@@ -226,16 +237,7 @@ class Supervisor:
                 self.catalog.register_file, Path(str(ref.path)), None, "file", str(ref)
             )
         assert isinstance(ref, HfRef)
-        found = await asyncio.to_thread(self.catalog.find_by_reference, str(ref))
-        if found is None:
-            raise RbeeError(
-                ErrorCode.MODEL_NOT_FOUND,
-                f"Model {model_ref} is not on this node yet",
-                hint="Hugging Face downloads come with model provisioning; until then use a "
-                "bundled model or a file:// reference.",
-                details={"model_ref": model_ref},
-            )
-        return found
+        return await self.downloads.prepare(ref)
 
     def model_in_use(self, model_id: str) -> list[str]:
         return [w.id for w in self.workers.values() if w.model.id == model_id]
@@ -243,11 +245,17 @@ class Supervisor:
     # ------------------------------------------------------------------ spawn
 
     async def spawn(self, request: SpawnRequest) -> SpawnReply:
-        """Preflight, reuse or start a worker; answers at once with state `loading` (B25)."""
+        """Preflight, reuse or start a worker; answers at once with state `loading` (B25).
+
+        The model is resolved before the spawn lock is taken: for an `hf:` model that asks
+        the hub, and a slow hub must not hold up spawns of models already here.
+        """
+        self._check_open()
+        model = await self.resolve_model(request.model_ref)
         async with self._spawn_lock:
-            if self._closing:
-                raise RbeeError(ErrorCode.AGENT_SHUTTING_DOWN, "The agent is shutting down")
-            model = await self.resolve_model(request.model_ref)
+            self._check_open()
+            if isinstance(model, Plan):
+                return await self._spawn_after_download(request, model)
             for worker in self.workers.values():
                 if worker.state == "idle" and worker.matches(model.id, request.backend,
                                                              request.device):
@@ -255,17 +263,89 @@ class Supervisor:
                     worker.last_activity = time.time()
                     return SpawnReply(worker=worker.info(), reused=True)
             await asyncio.to_thread(self._preflight, request, model)
-            worker = ManagedWorker(
-                next(self._ids), model, request,
-                ctx_size=request.ctx_size or self.settings.worker_ctx_size,
-                slots=request.slots or self.settings.worker_slots,
-                log_path=self._worker_log_dir / "pending.log",
-                lines_kept=self.settings.worker_log_lines_kept,
-            )
-            worker.log_path = self._worker_log_dir / f"{worker.id}.log"
+            worker = self._new_worker(request, model)
             await self._launch(worker)
             self.workers[worker.id] = worker
             return SpawnReply(worker=worker.info(), reused=False)
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise RbeeError(ErrorCode.AGENT_SHUTTING_DOWN, "The agent is shutting down")
+
+    def _new_worker(self, request: SpawnRequest, model: CatalogEntry) -> ManagedWorker:
+        worker = ManagedWorker(
+            next(self._ids), model, request,
+            ctx_size=request.ctx_size or self.settings.worker_ctx_size,
+            slots=request.slots or self.settings.worker_slots,
+            log_path=self._worker_log_dir / "pending.log",
+            lines_kept=self.settings.worker_log_lines_kept,
+        )
+        worker.log_path = self._worker_log_dir / f"{worker.id}.log"
+        return worker
+
+    async def _spawn_after_download(self, request: SpawnRequest, plan: Plan) -> SpawnReply:
+        """A worker that starts (or joins) its model's download, then launches (B37).
+
+        The preflight runs first, on the size the hub announced (no point fetching a model
+        that cannot run here), and again before the launch, on the downloaded file.
+        """
+        name = plan.dest.name
+        provisional = CatalogEntry(
+            id=derive_id(name), provider="hf", reference=plan.reference,
+            local_path=str(plan.dest), size_bytes=plan.total, quantization="unknown",
+            architecture="unknown", layers=0, context_length=0, added_at=time.time(),
+        )
+        await asyncio.to_thread(self._preflight, request, provisional)
+        job, _ = self.downloads.begin(plan)
+        worker = self._new_worker(request, provisional)
+        worker.progress.publish(_download_stage(job.progress.value))
+        self.workers[worker.id] = worker
+        self._background(self._provision_then_launch(worker, request, job), worker)
+        log.info("worker %s waits for download job %s (%s)", worker.id, job.id, plan.reference)
+        return SpawnReply(worker=worker.info(), reused=False)
+
+    async def _provision_then_launch(
+        self, worker: ManagedWorker, request: SpawnRequest, job: Download
+    ) -> None:
+        try:
+            async for event in job.progress.follow():
+                if event.stage == "downloading":
+                    worker.progress.publish(_download_stage(event))
+            model = await job.wait()
+            async with self._spawn_lock:
+                if worker.state != "loading" or self._closing:
+                    return
+                await asyncio.to_thread(self._preflight, request, model)
+                worker.model = model
+                worker.progress.publish(LoadingProgress(
+                    stage="starting", layers_loaded=0, layers_total=model.layers))
+                await self._launch(worker)
+        except RbeeError as err:
+            self._fail_unlaunched(worker, err)
+        except OSError as exc:  # the process could not be started
+            self._fail_unlaunched(worker, RbeeError(
+                ErrorCode.WORKER_START_FAILED,
+                f"Worker {worker.id} could not be started: {exc}",
+                details={"worker_id": worker.id},
+            ))
+
+    def _fail_unlaunched(self, worker: ManagedWorker, err: RbeeError) -> None:
+        """End a worker that never got a process (its download failed or it was stopped)."""
+        if worker.exited.is_set():
+            return
+        log.warning("worker %s ends before it started: %s", worker.id, err.message)
+        worker.failure = err
+        worker.progress.publish(LoadingProgress(
+            stage="failed", layers_loaded=0, layers_total=worker.model.layers,
+            error=err.to_body().error,
+        ))
+        worker.state = "failed"
+        self.workers.pop(worker.id, None)
+        worker.exited.set()
+        worker.ready.set()
+        for task in list(worker.tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
 
     def _preflight(self, request: SpawnRequest, model: CatalogEntry) -> None:
         if request.backend not in BACKENDS:
@@ -551,6 +631,14 @@ class Supervisor:
 
     async def _stop(self, worker: ManagedWorker) -> None:
         """Graceful: ask the worker to drain; kill it if it is not gone after the grace."""
+        if worker.proc is None and not worker.exited.is_set():  # still waiting for its model
+            self._fail_unlaunched(worker, RbeeError(
+                ErrorCode.CANCELLED,
+                f"Worker {worker.id} was stopped before its model finished downloading",
+                hint="The download goes on; cancel it with its job id if it is not wanted.",
+                details={"worker_id": worker.id},
+            ))
+            return
         if worker.proc is None or worker.exited.is_set():
             return
         was_loading = worker.state == "loading"
@@ -573,3 +661,12 @@ class Supervisor:
         if worker.proc is not None and worker.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
+
+
+def _download_stage(event: DownloadProgress) -> LoadingProgress:
+    """A download event as a worker's start-up progress (B37): bytes, no layers yet."""
+    return LoadingProgress(
+        stage="downloading", layers_loaded=0, layers_total=0,
+        bytes_downloaded=event.bytes_downloaded, bytes_total=event.bytes_total,
+        speed_mbps=event.speed_mbps,
+    )

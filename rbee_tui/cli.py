@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from rich.markup import escape
 
+from rbee_agent.model_refs import parse_model_ref
 from rbee_agent.protocol import ChatMessage, ErrorCode, RbeeError
 from rbee_tui import local_agent
 from rbee_tui.cli_output import (
@@ -126,6 +127,10 @@ def build_parser() -> Parser:
     ml = models.add_parser("list")
     ml.add_argument("--node", default=LOCALHOST)
     ml.add_argument("--json", action="store_true")
+    md = models.add_parser("download")
+    md.add_argument("--node", default=LOCALHOST)
+    md.add_argument("--model", required=True, help="hf:org/repo[/file.gguf][@revision]")
+    md.add_argument("--json", action="store_true")
     mr = models.add_parser("rm")
     mr.add_argument("--node", default=LOCALHOST)
     mr.add_argument("--model", required=True, help="catalog id")
@@ -497,6 +502,20 @@ async def cmd_models_list(args: argparse.Namespace, config: Config, links: NodeL
     return EXIT_OK
 
 
+async def cmd_models_download(args: argparse.Namespace, config: Config, links: NodeLinks
+                              ) -> int:
+    from rbee_tui.orchestrator import download_flow
+
+    config.node(args.node)
+    parse_model_ref(args.model)
+    client = await links.open(args.node)
+    async with client:
+        finished = await drive(download_flow(client, args.model), EventPrinter())
+    if args.json and finished is not None:
+        print_json(finished.data)
+    return EXIT_OK
+
+
 async def cmd_models_rm(args: argparse.Namespace, config: Config, links: NodeLinks) -> int:
     client = await links.open(args.node)
     async with client:
@@ -537,6 +556,7 @@ HANDLERS: dict[tuple[str, str | None], Handler] = {
     ("workers", "stop"): cmd_workers_stop,
     ("workers", "health"): cmd_workers_health,
     ("models", "list"): cmd_models_list,
+    ("models", "download"): cmd_models_download,
     ("models", "rm"): cmd_models_rm,
     ("logs", None): cmd_logs,
 }

@@ -19,6 +19,9 @@ from pydantic import BaseModel, ValidationError
 
 from rbee_agent import __version__
 from rbee_agent.protocol import (
+    DownloadJob,
+    DownloadProgress,
+    DownloadRequest,
     ErrorBody,
     ErrorCode,
     HealthReply,
@@ -215,6 +218,19 @@ class AgentClient:
 
     async def cancel(self, worker_id: str, request_id: str) -> None:
         await self.request("DELETE", f"/v1/workers/{worker_id}/inference/{request_id}")
+
+    async def download(self, model_ref: str) -> DownloadJob:
+        reply = await self.request("POST", "/v1/models/download",
+                                   content=DownloadRequest(model_ref=model_ref)
+                                   .model_dump_json())
+        return self.parse(DownloadJob, reply.content)
+
+    async def download_progress(self, job_id: str) -> AsyncIterator[DownloadProgress]:
+        async for data in self.sse("GET", f"/v1/models/download/{job_id}/progress"):
+            yield self.parse(DownloadProgress, json.dumps(data).encode())
+
+    async def cancel_download(self, job_id: str) -> None:
+        await self.request("DELETE", f"/v1/models/download/{job_id}")
 
     async def models(self) -> ModelsReply:
         return await self.get_model("/v1/models", ModelsReply)

@@ -9,6 +9,7 @@ flow logic. Inputs are validated before any network (B57). Cancelling the consum
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -129,11 +130,20 @@ async def _spawn(
         return
     yield PhaseStarted("loading", f"Loading {worker.model_id}")
     layers, total = 0, worker.layers_total
+    downloading = False
     try:
         async with asyncio.timeout(settings.loading_timeout_s):
             async for event in client.progress(worker.id):
                 if event.stage == "failed" and event.error is not None:
                     raise RbeeError.from_body(ErrorBody(error=event.error))
+                if event.stage == "downloading":  # an hf: model the node did not have yet
+                    downloading = True
+                    yield _download_progress(event.bytes_downloaded or 0,
+                                             event.bytes_total or 0, event.speed_mbps)
+                    continue
+                if downloading:
+                    downloading = False
+                    yield PhaseDone("download", "downloaded and verified")
                 layers, total = event.layers_loaded, event.layers_total
                 if event.stage == "ready":
                     break
@@ -162,6 +172,42 @@ async def spawn_flow(
                            event.model_dump())
         else:
             yield event
+
+
+MB = 1024 * 1024
+
+
+def _download_progress(done: int, total: int, speed_mbps: float | None) -> Progress:
+    speed = f"{speed_mbps:.1f} MB/s" if speed_mbps else ""
+    return Progress("download", round(done / MB, 1), round(total / MB, 1), "MB", speed)
+
+
+async def download_flow(client: AgentClient, model_ref: str) -> AsyncIterator[Event]:
+    """`rbee models download` and the models screen: B37's progress to the operator."""
+    parse_model_ref(model_ref)
+    yield PhaseStarted("download", f"Fetching {model_ref} on {client.node}")
+    job = await client.download(model_ref)
+    if job.stage == "complete":
+        yield Finished(f"{job.model_id} is already on {client.node}", job.model_dump())
+        return
+    if job.joined:
+        yield PhaseDone("download", "joined the download already under way")
+    try:
+        async for event in client.download_progress(job.job_id):
+            if event.stage == "downloading":
+                yield _download_progress(event.bytes_downloaded, event.bytes_total,
+                                         event.speed_mbps)
+            elif event.stage == "failed" and event.error is not None:
+                raise RbeeError.from_body(ErrorBody(error=event.error))
+            elif event.stage == "complete":
+                yield Finished(f"{event.model_id} downloaded to {event.local_path}",
+                               event.model_dump())
+                return
+    except asyncio.CancelledError:
+        with contextlib.suppress(RbeeError, TimeoutError):
+            async with asyncio.timeout(5):
+                await asyncio.shield(client.cancel_download(job.job_id))
+        raise
 
 
 def _body(spec: InferenceSpec) -> dict[str, Any]:

@@ -85,7 +85,10 @@ class AgentProc:
                 self.proc.wait()
 
 
-def start_agent(home: Path, key: str = "agent-test-key", **settings: str) -> AgentProc:
+def start_agent(
+    home: Path, key: str = "agent-test-key", env: dict[str, str] | None = None, **settings: str
+) -> AgentProc:
+    """An agent on a free port; `env` adds to (or overrides) the inherited environment."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     first = free_port()
@@ -95,9 +98,10 @@ def start_agent(home: Path, key: str = "agent-test-key", **settings: str) -> Age
     args = [sys.executable, "-m", "rbee_agent", "serve", "--config", str(home / "agent.toml")]
     for name, value in flags.items():
         args += [f"--{name}", value]
-    env = {**os.environ, "RBEE_AGENT_API_KEY": key, "PYTHONUNBUFFERED": "1"}
+    full_env = {**os.environ, "RBEE_AGENT_API_KEY": key, "PYTHONUNBUFFERED": "1", **(env or {})}
     with (home / "stderr.log").open("ab") as err:
-        proc = subprocess.Popen(args, stdout=err, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        proc = subprocess.Popen(args, stdout=err, stderr=subprocess.STDOUT, cwd=REPO,
+                                env=full_env)
     agent = AgentProc(proc, port, home, key)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -165,9 +165,7 @@ def test_b36_bad_references(agent: AgentProc) -> None:
     err = error_of(agent.post("/v1/workers", json={"model_ref": "no-such-model"}), 404,
                    "MODEL_NOT_FOUND")
     assert "no-such-model" in err["message"]
-    err = error_of(agent.post("/v1/workers", json={"model_ref": "hf:org/repo"}), 404,
-                   "MODEL_NOT_FOUND")
-    assert "hf:org/repo" in err["message"]
+    # hf: references not on the node are downloaded first: see tests/test_provision.py.
     assert agent.get("/v1/workers").json()["workers"] == []
 
 

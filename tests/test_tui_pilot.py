@@ -88,11 +88,12 @@ async def test_b70_polls_pause_while_a_modal_is_open() -> None:
 
 
 def test_b76_every_binding_has_an_id_and_a_tooltip() -> None:
-    from rbee_tui.screens import chat, install, logs, modals, models, node_form, spawn
+    from rbee_tui.screens import chat, download, install, logs, modals, models, node_form, spawn
 
     classes = [RbeeApp, DashboardScreen, chat.ChatScreen, models.ModelsScreen,
                logs.LogsScreen, modals.ConfirmScreen, modals.HelpScreen,
-               node_form.NodeFormScreen, install.InstallScreen, spawn.SpawnScreen]
+               node_form.NodeFormScreen, install.InstallScreen, spawn.SpawnScreen,
+               download.DownloadScreen]
     for cls in classes:
         for binding in cls.BINDINGS:
             assert isinstance(binding, Binding)
@@ -147,6 +148,34 @@ async def test_b73_model_delete_asks_then_calls_the_agent() -> None:
         await pilot.press("y")
         await pilot.pause(0.3)
     assert "DELETE /v1/models/qwen2.5-7b-instruct" in source.requests
+
+
+async def test_b73_download_shows_progress_then_reloads_the_catalog() -> None:
+    from rbee_tui.screens.download import DownloadScreen
+
+    app, source = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await fill(app, source, 1)
+        await pilot.pause()
+        await pilot.press("j", "m")
+        await pilot.pause(0.2)
+        await pilot.press("n")
+        assert isinstance(app.screen, DownloadScreen)
+        await pilot.press(*"not a ref", "enter")
+        assert "Use hf:" in str(app.screen.query_one("#download-status", Label).render())
+        app.screen.query_one("#download-ref", Input).value = "hf:bees/Tiny-GGUF"
+        await pilot.press("enter")
+        for _ in range(40):
+            await pilot.pause(0.05)
+            if app.screen.done:  # type: ignore[attr-defined]
+                break
+        status = str(app.screen.query_one("#download-status", Label).render())
+        assert "tiny downloaded to /srv/rbee/models/hf/tiny.gguf" in status
+        bar = app.screen.query_one("#download-progress")
+        assert bar.percentage == 1.0  # type: ignore[attr-defined]
+        await pilot.press("escape")
+        await pilot.pause(0.2)
+    assert "POST /v1/models/download" in source.requests
 
 
 async def test_b74_stop_worker_from_the_workers_table() -> None:

@@ -143,6 +143,20 @@ class ScriptedSource:
             return _sse([*frames, done])
         if "/inference/" in path and request.method == "DELETE":
             return httpx.Response(204)
+        if path == "/v1/models/download" and request.method == "POST":
+            ref = json.loads(request.content)["model_ref"]
+            return _json({"job_id": "j1", "model_ref": ref, "reference": ref,
+                          "stage": "downloading", "files": ["tiny.gguf"],
+                          "bytes_total": 100 * 2**20, "bytes_downloaded": 0,
+                          "progress_url": "/v1/models/download/j1/progress"}, 202)
+        if path == "/v1/models/download/j1/progress":
+            steps = [{"stage": "downloading", "job_id": "j1", "model_ref": "r",
+                      "bytes_downloaded": n * 25 * 2**20, "bytes_total": 100 * 2**20,
+                      "speed_mbps": 250.0} for n in range(1, 5)]
+            steps.append({"stage": "complete", "job_id": "j1", "model_ref": "r",
+                          "bytes_downloaded": 100 * 2**20, "bytes_total": 100 * 2**20,
+                          "local_path": "/srv/rbee/models/hf/tiny.gguf", "model_id": "tiny"})
+            return _sse(steps)
         if path == "/v1/logs":
             lines = [{"source": "agent", "line": f"2026-11-23 10:00:{i:02d} INFO rbee.agent: "
                       f"{msg}"} for i, msg in enumerate(LOG_LINES)]

@@ -32,6 +32,8 @@ class ModelsScreen(RbeeScreen[None]):
                 tooltip="Back to the dashboard"),
         Binding("d", "delete", "Delete", id="models.delete",
                 tooltip="Delete the selected model from the node (asks first)"),
+        Binding("n", "download", "Download", id="models.download",
+                tooltip="Download a model from Hugging Face to this node"),
         Binding("c,enter", "chat", "Chat", id="models.chat",
                 tooltip="Chat with the selected model"),
         Binding("r", "reload", "Reload", id="models.reload", tooltip="Read the catalog again"),
@@ -74,6 +76,15 @@ class ModelsScreen(RbeeScreen[None]):
         model = self.query_one(ModelsTable).selected_key()
         if model:
             self.rbee.open_chat(self.node, model)
+
+    def action_download(self) -> None:
+        from rbee_tui.screens.download import DownloadScreen
+
+        def done(downloaded: bool | None) -> None:
+            if downloaded:
+                self.action_reload()
+
+        self.app.push_screen(DownloadScreen(self.node), done)
 
     def action_delete(self) -> None:
         model = self.query_one(ModelsTable).selected_key()
