@@ -26,6 +26,10 @@ def tmux(rbee: RbeeEnv) -> Iterator[Callable[..., str]]:
                f"TERM=xterm-256color {shlex.quote(sys.executable)} -m rbee_tui")
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "36",
                     command], check=True)
+    # A detached session may still take the server's default size (80x24): insist.
+    subprocess.run(["tmux", "set-option", "-t", session, "window-size", "manual"], check=False)
+    subprocess.run(["tmux", "resize-window", "-t", session, "-x", "120", "-y", "36"],
+                   check=False)
 
     def screen(*keys: str) -> str:
         if keys:
