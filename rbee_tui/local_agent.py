@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +87,26 @@ def recorded_pid() -> int | None:
     return pid
 
 
+_START_LOCK = threading.Lock()
+
+
 def find_or_start(settings: OperatorSettings) -> LocalAgent:
-    """Blocking (call it from a thread in async code): return a healthy local agent."""
+    """Blocking (call it from a thread in async code): return a healthy local agent.
+
+    Serialised within this process (a lock) and across rbee processes (flock on a file in
+    the state dir), so two callers racing never start two agents and lose track of one.
+    """
+    lock_path = state_dir() / "local-agent.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with _START_LOCK, lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _find_or_start(settings)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _find_or_start(settings: OperatorSettings) -> LocalAgent:
     config = agent_config_file()
     key = ensure_key(config)
     url = f"http://127.0.0.1:{settings.local_agent_port}"
@@ -99,7 +119,6 @@ def find_or_start(settings: OperatorSettings) -> LocalAgent:
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True)
-    pid_file().write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + settings.agent_start_timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -112,6 +131,7 @@ def find_or_start(settings: OperatorSettings) -> LocalAgent:
                 details={"log": str(log_path), "last_lines": tail},
             )
         if _healthy(url):
+            pid_file().write_text(f"{proc.pid}\n")
             return LocalAgent(url, key, proc.pid, started_here=True)
         time.sleep(0.05)
     raise RbeeError(
