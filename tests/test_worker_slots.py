@@ -116,3 +116,17 @@ def test_b45_dropped_connection_stops_generation_within_1s(worker: WorkerProc) -
 
 def worker_tokens(worker: WorkerProc) -> int:
     return int(httpx.get(f"{worker.url}/v1/health").json()["tokens_served"])
+
+
+def test_b44_slot_is_free_when_the_client_sees_the_end(worker: WorkerProc) -> None:
+    """A request sent the moment the previous stream ended is served, never 'busy'."""
+    for _ in range(15):
+        with httpx.stream("POST", f"{worker.url}/v1/inference", headers=worker.headers,
+                          json={"prompt": "Hi", "max_tokens": 3}, timeout=60) as r:
+            assert r.status_code == 200
+            for _ in sse_data(r):
+                pass
+        again = httpx.post(f"{worker.url}/v1/inference", headers=worker.headers, timeout=60,
+                           json={"prompt": "Hi", "max_tokens": 1, "stream": False})
+        assert again.status_code == 200, again.text
+
