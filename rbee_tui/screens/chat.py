@@ -1,7 +1,8 @@
 """The chat pane (B72): pick node and model, type, tokens stream in as Markdown.
 
-oterm's pattern: one `Markdown.get_stream` per reply, `stop()` in `finally` and then a final
-`update(full_text)` so code fences render right; the full text is kept in our own history;
+oterm's pattern: one `Markdown.get_stream` per reply, `stop()` in `finally`, then a final
+`update(full_text)` where streaming may have rendered it wrong (`_needs_full_render`) or the
+stream did not get all of it; the full text is kept in our own history;
 the conversation scrolls only while it is anchored at the bottom. Esc cancels the running
 flow, which cancels the request on the worker. The flow itself is the orchestrator's.
 """
@@ -27,6 +28,17 @@ if TYPE_CHECKING:
     from rbee_tui.app import RbeeApp
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def _needs_full_render(text: str) -> bool:
+    """Whether a streamed reply must be rendered again from its whole text.
+
+    Textual's incremental `Markdown.append` renders what a full parse does, except around
+    HTML blocks (a block before one can be lost) and link or footnote definitions (which
+    change text above them). Re-rendering costs a parse and a remount of every block
+    (~100-200 ms for a 2,000-token reply), so it is done only when one of those can occur.
+    """
+    return "<" in text or "]:" in text
 
 
 class ChatScreen(RbeeScreen[None]):
@@ -157,7 +169,8 @@ class ChatScreen(RbeeScreen[None]):
             progress.display = False
             await stream.stop()
             text = "".join(parts)
-            await reply.update(text or "*(no reply)*")
+            if not text or reply.source != text or _needs_full_render(text):
+                await reply.update(text or "*(no reply)*")
             if text:
                 self.history.append(ChatMessage(role="assistant", content=text))
             self.generating = None

@@ -60,6 +60,10 @@ class DashboardScreen(RbeeScreen[None]):
     def __init__(self) -> None:
         super().__init__()
         self.filter_text = ""
+        # What the detail pane and the workers title show now: a label or Static update lays
+        # out the whole screen, so they are redrawn only when the selected node's data moved.
+        self._detail_shown: tuple[str | None, NodeSnapshot | None] | None = None
+        self._workers_title = ""
 
     @property
     def rbee(self) -> RbeeApp:
@@ -82,8 +86,18 @@ class DashboardScreen(RbeeScreen[None]):
         self.refresh_view()
 
     @on(NodePolled)
-    def _polled(self, _: NodePolled) -> None:
-        self.refresh_view()
+    def _polled(self, event: NodePolled) -> None:
+        # One node changed: update its row alone (a full refresh rebuilds every row, which
+        # made a poll round cost O(nodes²)); a node without a row takes the full refresh.
+        name = event.snapshot.name
+        table = self.query_one(NodesTable)
+        if self.filter_text not in name or name not in table.rows:
+            self.refresh_view()
+            return
+        with self.app.batch_update():
+            table.show_one(self.rbee.snapshot(name), self.rbee.rates)
+            self.refresh_detail()
+        self._count_up()
 
     @on(DataTable.RowHighlighted, "#nodes")
     def _node_highlighted(self, _: DataTable.RowHighlighted) -> None:
@@ -100,18 +114,27 @@ class DashboardScreen(RbeeScreen[None]):
         with self.app.batch_update():
             self.query_one(NodesTable).show(self.visible(), self.rbee.rates)
             self.refresh_detail()
-        count = len(self.rbee.config.names())
-        up = sum(1 for n in self.rbee.config.names() if self.rbee.snapshot(n).status == "up")
-        self.sub_title = f"{up}/{count} nodes up"
+        self._count_up()
+
+    def _count_up(self) -> None:
+        names = self.rbee.config.names()
+        up = sum(1 for n in names if self.rbee.snapshot(n).status == "up")
+        self.sub_title = f"{up}/{len(names)} nodes up"
 
     def refresh_detail(self) -> None:
         name = self.selected_node()
         snapshot = self.rbee.snapshot(name) if name else None
-        self.query_one(NodeDetail).show(snapshot, self.rbee.history.get(name or "", ()))
+        polled = self.rbee.snapshots.get(name) if name else None
+        shown = self._detail_shown
+        if shown is None or shown[0] != name or shown[1] is not polled:
+            self._detail_shown = (name, polled)
+            self.query_one(NodeDetail).show(snapshot, self.rbee.history.get(name or "", ()))
         workers = snapshot.workers if snapshot else ()
         self.query_one(WorkersTable).show(workers, time.time())
-        self.query_one("#workers-title", Label).update(
-            f"Workers on {name}" if name else "Workers")
+        title = f"Workers on {name}" if name else "Workers"
+        if title != self._workers_title:
+            self._workers_title = title
+            self.query_one("#workers-title", Label).update(title)
 
     # ------------------------------------------------------------------ actions
 

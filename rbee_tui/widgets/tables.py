@@ -7,14 +7,22 @@ by one, new rows added; the cursor stays on the same key across refreshes (dolph
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from rich.text import Text
+from textual.cache import LRUCache
 from textual.widgets import DataTable
 
 from rbee_agent.protocol import GpuInfo, WorkerInfo
 from rbee_tui.node_source import NodeSnapshot
 
 Cell = str | Text
+
+# Textual's DataTable keeps LRU caches of rendered cells (10,000), rows and lines (1,000 each)
+# keyed by a counter that every `update_cell` bumps, so a table updated on every poll fills
+# them with stale renders: ~13 MB per table at the bound (bench/tui.py). A screenful or two
+# is all a repaint between updates can use.
+RENDER_CACHE_SIZES = {"_cell_render_cache": 1000, "_row_render_cache": 200, "_line_cache": 200}
 
 
 def bar(used: float, total: float, width: int = 10) -> Text:
@@ -50,21 +58,31 @@ def vram_cell(gpus: Sequence[GpuInfo]) -> Text:
 class KeyedTable(DataTable[Cell]):
     """A DataTable that syncs to a list of (key, cells) rows."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name, size in RENDER_CACHE_SIZES.items():
+            cache = getattr(self, name, None)
+            if isinstance(cache, LRUCache):
+                cache.maxsize = min(cache.maxsize, size)
+
     def sync(self, rows: Sequence[tuple[str, Sequence[Cell]]]) -> None:
         keys = [key for key, _ in rows]
         selected = self.selected_key()
         for stale in [k for k in self.rows if k.value not in keys]:
             self.remove_row(stale)
-        columns = list(self.columns)
         for key, cells in rows:
             if key in self.rows:
-                for column, value in zip(columns, cells, strict=True):
-                    if self.get_cell(key, column) != value:
-                        self.update_cell(key, column, value, update_width=True)
+                self.update_row(key, cells)
             else:
                 self.add_row(*cells, key=key)
         if selected in keys:
             self.move_cursor(row=self.get_row_index(selected))
+
+    def update_row(self, key: str, cells: Sequence[Cell]) -> None:
+        """Update the changed cells of an existing row (each update repaints the table)."""
+        for column, value in zip(list(self.columns), cells, strict=True):
+            if self.get_cell(key, column) != value:
+                self.update_cell(key, column, value, update_width=True)
 
     def selected_key(self) -> str | None:
         if not self.row_count:
@@ -86,24 +104,31 @@ class NodesTable(KeyedTable):
             self.add_column(column, key=column)
 
     def show(self, snapshots: Sequence[NodeSnapshot], rates: dict[str, float]) -> None:
-        rows: list[tuple[str, Sequence[Cell]]] = []
-        for s in snapshots:
-            info = s.info
-            if info is None:
-                reason = s.reason or ""
-                short = reason if len(reason) <= 40 else reason[:39] + "…"
-                rows.append((s.name, [s.name, status_cell(s), s.agent_version or "-",
-                                      "-", "-", "-", "-", "-", Text(short, style="red")]))
-                continue
-            used = info.ram_total_mb - info.ram_available_mb
-            rows.append((s.name, [
-                s.name, status_cell(s), s.agent_version or "-", f"{info.cpu_percent:.0f}%",
-                Text.assemble(bar(used, info.ram_total_mb, 6),
-                              f" {gb(used)}/{gb(info.ram_total_mb)}"),
-                vram_cell(info.gpus), str(len(s.workers)),
-                f"{rates.get(s.name, 0.0):.1f}", "",
-            ]))
-        self.sync(rows)
+        self.sync([(s.name, self.cells(s, rates)) for s in snapshots])
+
+    def show_one(self, snapshot: NodeSnapshot, rates: dict[str, float]) -> bool:
+        """Update one node's row in place; False when it has no row (then use `show`)."""
+        if snapshot.name not in self.rows:
+            return False
+        self.update_row(snapshot.name, self.cells(snapshot, rates))
+        return True
+
+    @staticmethod
+    def cells(s: NodeSnapshot, rates: dict[str, float]) -> list[Cell]:
+        info = s.info
+        if info is None:
+            reason = s.reason or ""
+            short = reason if len(reason) <= 40 else reason[:39] + "…"
+            return [s.name, status_cell(s), s.agent_version or "-", "-", "-", "-", "-", "-",
+                    Text(short, style="red")]
+        used = info.ram_total_mb - info.ram_available_mb
+        return [
+            s.name, status_cell(s), s.agent_version or "-", f"{info.cpu_percent:.0f}%",
+            Text.assemble(bar(used, info.ram_total_mb, 6),
+                          f" {gb(used)}/{gb(info.ram_total_mb)}"),
+            vram_cell(info.gpus), str(len(s.workers)),
+            f"{rates.get(s.name, 0.0):.1f}", "",
+        ]
 
 
 class WorkersTable(KeyedTable):
