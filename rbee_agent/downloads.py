@@ -190,7 +190,7 @@ class DownloadManager:
             raise RbeeError(
                 ErrorCode.DOWNLOAD_NOT_FOUND,
                 f"No download job {job_id!r} on this node",
-                hint="Start one with 'rbee models download --node NAME hf:org/repo'.",
+                hint="Start one with 'rbee models download --node NAME --model hf:org/repo'.",
                 details={"job_id": job_id, "jobs": list(self.jobs)},
             )
         return job
