@@ -2,8 +2,11 @@
 
 The worker needs the layer count before llama.cpp starts loading (progress is reported in
 layers), and the catalog records architecture, context length and quantization. Only the
-key/value section at the start of the file is read; the `gguf` package supplies the names
-of the quantization types.
+key/value section at the start of the file is read.
+
+This module must not import `gguf` (or anything else that loads numpy): the worker reads the
+header before it loads llama.cpp, and a CUDA build of llama.cpp crashes in a process that
+loaded numpy's C++ runtime first (docs/architecture.md, "Import order in the worker").
 """
 
 from __future__ import annotations
@@ -15,11 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gguf import LlamaFileType
-
 from rbee_agent.protocol import ErrorCode, RbeeError
 
 GGUF_MAGIC = b"GGUF"
+
+
+# llama.cpp's `llama_ftype` (llama.h): what `general.file_type` holds. Gaps are types
+# llama.cpp has retired.
+_FILE_TYPES = {
+    0: "ALL_F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+    10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
+    16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S",
+    22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M",
+    28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0",
+    37: "TQ2_0", 38: "MXFP4_MOE", 39: "NVFP4", 40: "Q1_0", 1024: "GUESSED",
+}
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,13 @@ class GgufMeta:
     quantization: str
     name: str | None
     chat_template: str | None
+    # Attention shape, for memory estimates (KV cache per token); None when the header
+    # does not say (or says it per layer).
+    embedding_length: int | None = None
+    head_count: int | None = None
+    head_count_kv: int | None = None
+    key_length: int | None = None
+    value_length: int | None = None
 
 
 # GGUF value types (ggml's gguf.h): fixed sizes for scalars; 8 = string, 9 = array.
@@ -106,11 +126,7 @@ class _ArrayLength(int):
 def _quantization(file_type: int | None) -> str:
     if file_type is None:
         return "unknown"
-    try:
-        name = LlamaFileType(file_type).name
-    except ValueError:
-        return f"type{file_type}"
-    return name.removeprefix("MOSTLY_")
+    return _FILE_TYPES.get(file_type, f"type{file_type}")
 
 
 def check_gguf_file(path: Path) -> None:
@@ -153,6 +169,13 @@ def read_gguf_meta(path: Path) -> GgufMeta:
         ) from None
     arch = str(fields.get("general.architecture") or "unknown")
     template = fields.get("tokenizer.chat_template")
+
+    def scalar(key: str) -> int | None:
+        value = fields.get(f"{arch}.{key}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None
+        return None if isinstance(value, _ArrayLength) else int(value)
+
     return GgufMeta(
         architecture=arch,
         layers=int(fields.get(f"{arch}.block_count") or 0),
@@ -161,4 +184,9 @@ def read_gguf_meta(path: Path) -> GgufMeta:
         quantization=_quantization(fields.get("general.file_type")),
         name=fields.get("general.name"),
         chat_template=template if isinstance(template, str) else None,
+        embedding_length=scalar("embedding_length"),
+        head_count=scalar("attention.head_count"),
+        head_count_kv=scalar("attention.head_count_kv"),
+        key_length=scalar("attention.key_length"),
+        value_length=scalar("attention.value_length"),
     )
