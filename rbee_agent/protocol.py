@@ -38,6 +38,7 @@ class ErrorCode(StrEnum):
     MODEL_LOADING = "MODEL_LOADING"
     MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
     ALL_SLOTS_BUSY = "ALL_SLOTS_BUSY"
+    QUEUE_FULL = "QUEUE_FULL"
     WORKER_DRAINING = "WORKER_DRAINING"
     GENERATION_FAILED = "GENERATION_FAILED"
     # client side
@@ -69,6 +70,10 @@ class ErrorCode(StrEnum):
     WORKER_CRASHED = "WORKER_CRASHED"
     LOADING_TIMEOUT = "LOADING_TIMEOUT"
     AGENT_SHUTTING_DOWN = "AGENT_SHUTTING_DOWN"
+    CATALOG_BUSY = "CATALOG_BUSY"
+    CATALOG_CORRUPT = "CATALOG_CORRUPT"
+    DATA_DIR_LOCKED = "DATA_DIR_LOCKED"
+    PORT_IN_USE = "PORT_IN_USE"
     # operator side (B01-B13, B50-B57)
     NODE_NOT_FOUND = "NODE_NOT_FOUND"
     NODE_EXISTS = "NODE_EXISTS"
@@ -99,6 +104,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_LOADING: 503,
     ErrorCode.MODEL_LOAD_FAILED: 503,
     ErrorCode.ALL_SLOTS_BUSY: 503,
+    ErrorCode.QUEUE_FULL: 503,
     ErrorCode.WORKER_DRAINING: 503,
     ErrorCode.GENERATION_FAILED: 500,
     ErrorCode.CONNECTION_FAILED: 502,
@@ -126,6 +132,10 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.WORKER_CRASHED: 502,
     ErrorCode.LOADING_TIMEOUT: 504,
     ErrorCode.AGENT_SHUTTING_DOWN: 503,
+    ErrorCode.CATALOG_BUSY: 503,
+    ErrorCode.CATALOG_CORRUPT: 503,
+    ErrorCode.DATA_DIR_LOCKED: 409,
+    ErrorCode.PORT_IN_USE: 409,
     ErrorCode.NODE_NOT_FOUND: 404,
     ErrorCode.NODE_EXISTS: 409,
     ErrorCode.SSH_KEY_MISSING: 400,
@@ -205,6 +215,8 @@ WorkerState = Literal["loading", "idle", "busy", "draining", "stopping", "failed
 Backend = Literal["cpu", "cuda", "metal"]
 BACKENDS: tuple[str, ...] = ("cpu", "cuda", "metal")
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+# A request id travels in a URL path and an HTTP header: printable ASCII without separators.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 
 class HealthReply(BaseModel):
@@ -215,6 +227,8 @@ class HealthReply(BaseModel):
     state: WorkerState | None = None
     slots_total: int | None = None
     slots_busy: int | None = None
+    queued: int | None = None
+    queue_depth: int | None = None
     tokens_served: int | None = None
 
 
@@ -265,7 +279,8 @@ class InferenceRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16)
     stream: bool = True
-    request_id: str | None = Field(default=None, min_length=1, max_length=128)
+    request_id: str | None = Field(default=None, min_length=1, max_length=128,
+                                   pattern=REQUEST_ID_PATTERN)
 
     @model_validator(mode="before")
     @classmethod
@@ -404,6 +419,12 @@ class NodeInfo(BaseModel):
     backends: list[Backend]
     gpus: list[GpuInfo] = Field(default_factory=list)
     nvidia_driver: str | None = None
+    # Who answers (so the operator can tell this agent from another on the same port), and
+    # whether this node's llama.cpp can offload to a GPU at all.
+    agent_pid: int | None = None
+    agent_instance_id: str | None = None
+    agent_started_at: float | None = None
+    gpu_offload: bool | None = None
 
 
 # --------------------------------------------------------------------------- models (B35)
@@ -443,9 +464,27 @@ class SpawnRequest(BaseModel):
 
     model_ref: str = Field(min_length=1, max_length=2048)
     backend: str = "cpu"
-    device: int = Field(default=0, ge=0, le=63)
+    # None: cpu → 0; cuda → the GPU with the most free VRAM that fits (B126).
+    device: int | None = Field(default=None, ge=0, le=63)
     ctx_size: int | None = Field(default=None, ge=16, le=1_048_576)
     slots: int | None = Field(default=None, ge=1, le=64)
+    # Layers on the GPU: N, -1 for all, "auto" for as many as fit (the rest on the CPU).
+    gpu_layers: int | Literal["auto"] | None = None
+    # Several GPUs of this node for one model (llama.cpp's tensor split), instead of device.
+    devices: list[int] | None = Field(default=None, min_length=1, max_length=16)
+    # Start another worker even when an idle or starting one could be handed back (B122).
+    new: bool = False
+
+    @model_validator(mode="after")
+    def _check_gpu_fields(self) -> SpawnRequest:
+        if isinstance(self.gpu_layers, int) and self.gpu_layers < -1:
+            raise ValueError("gpu_layers is a layer count, -1 (all) or 'auto'")
+        if self.devices is not None:
+            if len(set(self.devices)) != len(self.devices) or min(self.devices) < 0:
+                raise ValueError("devices must be distinct GPU indexes")
+            if self.device is not None and self.device not in self.devices:
+                raise ValueError("give devices or device, not both")
+        return self
 
 
 class WorkerInfo(BaseModel):
@@ -469,6 +508,13 @@ class WorkerInfo(BaseModel):
     layers_loaded: int = 0
     layers_total: int = 0
     active_requests: int = 0
+    queued: int = 0
+    gpu_layers: int | None = None
+    devices: list[int] = Field(default_factory=list)
+    ctx_size: int | None = None
+    queue_depth: int | None = None
+    # Why a worker is `failed` (kept for a while after it failed to start, B127).
+    error: ErrorDetail | None = None
 
 
 class SpawnReply(BaseModel):
@@ -527,6 +573,8 @@ class DownloadProgress(BaseModel):
     speed_mbps: float = 0.0
     file: str | None = None
     attempt: int = 1
+    # A retry, resume or checksum mismatch, as one line for people (B128).
+    note: str | None = None
     local_path: str | None = None
     model_id: str | None = None
     error: ErrorDetail | None = None

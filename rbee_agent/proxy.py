@@ -1,37 +1,52 @@
 """Inference through the agent (B33): the worker's SSE stream, relayed frame by frame.
 
+Before anything reaches the worker, the agent checks what is cheap to check (B124, B125):
+the body must be a valid `InferenceRequest` (its `request_id`, when given, is the id the
+request is known and cancelled by), and the worker must have room — a place in a slot or in
+its queue, by the agent's own count of the requests it has forwarded. A request with no room
+is answered here (QUEUE_FULL, or ALL_SLOTS_BUSY for a worker without a queue, with
+`Retry-After`), so a rejection costs the worker nothing.
+
 Each complete frame is forwarded the moment it arrives (no added buffering; a frame split
-across TCP reads is joined first so the client never sees half a frame). A client that goes
-away closes the upstream connection, which makes the worker cancel the generation. A
-worker that dies mid-stream ends the client's stream with an error frame and `[DONE]`.
+across TCP reads is joined first so the client never sees half a frame); only the final
+frame is decoded, as a `DoneEvent`, to count tokens. A client that goes away closes the
+upstream connection, which makes the worker cancel the generation. A worker that dies
+mid-stream, or does not start answering in time, ends the client's request with an error.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import Request, Response
+from pydantic import ValidationError
 
 from rbee_agent import relay
+from rbee_agent.http_errors import error_response, parse_body
+from rbee_agent.managed_worker import ManagedWorker
 from rbee_agent.protocol import (
+    REQUEST_ID_PATTERN,
     SSE_DONE,
+    DoneEvent,
     ErrorCode,
+    InferenceRequest,
     RbeeError,
     StreamErrorEvent,
     sse_frame,
 )
 from rbee_agent.sse import SSEResponse
-from rbee_agent.supervisor import ManagedWorker, Supervisor
+from rbee_agent.supervisor import Supervisor
 
 log = logging.getLogger("rbee.agent")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _DONE_FRAME = sse_frame(SSE_DONE)
+_DONE_MARK = b'"done":true'
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 
 def _worker_gone(worker: ManagedWorker, why: str) -> RbeeError:
@@ -43,34 +58,85 @@ def _worker_gone(worker: ManagedWorker, why: str) -> RbeeError:
     )
 
 
+def _request_id(request: Request, body: InferenceRequest) -> str:
+    """The body's id, else the header's, else a new one; a bad header id is refused."""
+    if body.request_id is not None:
+        return body.request_id
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given is None:
+        return uuid.uuid4().hex
+    if not _REQUEST_ID.fullmatch(given):
+        raise RbeeError(
+            ErrorCode.INVALID_REQUEST,
+            f"The {REQUEST_ID_HEADER} header is not a usable request id",
+            hint=f"Use up to 128 letters, digits, '.', '_', ':' or '-' ({REQUEST_ID_PATTERN}).",
+        )
+    return given
+
+
+def _no_room(worker: ManagedWorker) -> RbeeError:
+    retry = worker.retry_after_s()
+    details = {"slots_total": worker.slots_total, "slots_busy": worker.slots_total,
+               "retry_after_s": retry}
+    if worker.queue_depth > 0:
+        return RbeeError(
+            ErrorCode.QUEUE_FULL,
+            f"Worker {worker.id} is busy and its queue is full ({worker.queue_depth} waiting)",
+            hint=f"Retry in {retry} s, or spawn another worker for this model.",
+            details={**details, "queued": worker.queue_depth,
+                     "queue_depth": worker.queue_depth},
+        )
+    return RbeeError(
+        ErrorCode.ALL_SLOTS_BUSY,
+        f"All {worker.slots_total} slot(s) of worker {worker.id} are busy",
+        hint=f"Retry in {retry} s, spawn with more slots, or spawn another worker.",
+        details=details,
+    )
+
+
 async def proxy_inference(sup: Supervisor, worker: ManagedWorker, request: Request) -> Response:
+    body = await request.body()
+    parsed = await parse_body(request, InferenceRequest)
+    request_id = _request_id(request, parsed)
     if worker.state == "loading":
         await sup.wait_ready(worker)
-    body = await request.body()
-    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    if worker.state in ("failed", "stopping", "draining") or worker.exited.is_set():
+        raise RbeeError(ErrorCode.WORKER_DRAINING, f"Worker {worker.id} is {worker.state}",
+                        hint="Spawn a worker for the model again.",
+                        details={"worker_id": worker.id, "state": worker.state})
+    if worker.in_flight >= worker.capacity:
+        err = _no_room(worker)
+        return error_response(err, headers={"Retry-After": str(err.details["retry_after_s"]),
+                                            REQUEST_ID_HEADER: request_id})
     headers = {**worker.auth, REQUEST_ID_HEADER: request_id,
                "Content-Type": "application/json"}
-    worker.begin_request()
+    settings = sup.settings
+    wait_s = settings.worker_headers_timeout_s if parsed.stream else \
+        settings.worker_result_timeout_s
+    started = worker.begin_request()
     try:
-        upstream = await relay.post(worker.host, worker.port, "/v1/inference", headers, body)
+        upstream = await relay.post(worker.host, worker.port, "/v1/inference", headers, body,
+                                    headers_timeout_s=wait_s)
     except relay.RelayError as exc:
-        worker.end_request()
+        worker.end_request(started)
         raise _worker_gone(worker, str(exc)) from None
     content_type = upstream.headers.get("content-type", "")
     if upstream.status != 200 or not content_type.startswith("text/event-stream"):
         try:
-            payload = await upstream.read()
+            payload = await upstream.read(timeout_s=wait_s)
         except relay.RelayError as exc:
             raise _worker_gone(worker, str(exc)) from None
         finally:
             await upstream.aclose()
-            worker.end_request()
+            worker.end_request(started)
+        extra = {k: v for k, v in upstream.headers.items() if k == "retry-after"}
         return Response(payload, status_code=upstream.status, media_type=content_type,
-                        headers={REQUEST_ID_HEADER: request_id})
-    return SSEResponse(_relay(worker, upstream), headers={REQUEST_ID_HEADER: request_id})
+                        headers={REQUEST_ID_HEADER: request_id, **extra})
+    return SSEResponse(_relay(worker, upstream, started),
+                       headers={REQUEST_ID_HEADER: request_id})
 
 
-async def _relay(worker: ManagedWorker, upstream: relay.UpstreamResponse
+async def _relay(worker: ManagedWorker, upstream: relay.UpstreamResponse, started: float
                  ) -> AsyncIterator[bytes]:
     pending = b""
     finished = False
@@ -83,7 +149,7 @@ async def _relay(worker: ManagedWorker, upstream: relay.UpstreamResponse
             frames, pending = pending[: cut + 2], pending[cut + 2 :]
             finished = finished or frames.endswith(_DONE_FRAME)
             yield frames
-            if b'"done":true' in frames:
+            if _DONE_MARK in frames:
                 _count_tokens(worker, frames)
         if not finished:
             raise relay.RelayError("the stream ended before [DONE]")
@@ -94,14 +160,17 @@ async def _relay(worker: ManagedWorker, upstream: relay.UpstreamResponse
         yield _DONE_FRAME
     finally:
         await upstream.aclose()
-        worker.end_request()
+        worker.end_request(started)
 
 
 def _count_tokens(worker: ManagedWorker, frames: bytes) -> None:
+    """Decode the final frame (the only one the relay parses) and count its tokens."""
     for line in frames.split(b"\n"):
-        if line.startswith(b"data: {") and b'"done":true' in line:
-            with contextlib.suppress(ValueError):
-                worker.tokens_served += int(json.loads(line[6:]).get("total_tokens", 0))
+        if line.startswith(b"data: {") and _DONE_MARK in line:
+            try:
+                worker.tokens_served += DoneEvent.model_validate_json(line[6:]).total_tokens
+            except ValidationError:
+                log.warning("worker %s sent a final frame that is not a DoneEvent", worker.id)
 
 
 async def proxy_cancel(sup: Supervisor, worker: ManagedWorker, request_id: str) -> None:
