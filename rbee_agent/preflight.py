@@ -176,8 +176,7 @@ def _place_on_gpus(request: SpawnRequest, model: CatalogEntry, shape: ModelShape
         return _split(request, model, shape, ctx, slots, [gpus[i] for i in asked], free,
                       margin)
     candidates = [gpus[asked[0]]] if asked else sorted(
-        gpus.values(), key=lambda g: free[g.index] if free[g.index] is not None else -1,
-        reverse=True)
+        gpus.values(), key=lambda g: _or_unknown(free[g.index]), reverse=True)
     layers = _fixed_layers(request, shape)
     for gpu in candidates:
         room = free[gpu.index]
@@ -190,6 +189,10 @@ def _place_on_gpus(request: SpawnRequest, model: CatalogEntry, shape: ModelShape
         if room is None or need.total_mb <= room:
             return _placement((gpu.index,), layers, shape), {gpu.index: need}
     raise _no_vram(model, shape, ctx, slots, candidates, free, margin, layers, request)
+
+
+def _or_unknown(room: int | None) -> int:
+    return -1 if room is None else room
 
 
 def _fixed_layers(request: SpawnRequest, shape: ModelShape) -> int:

@@ -94,6 +94,9 @@ class AgentSettings(BaseSettings):
                                     "slot; more get QUEUE_FULL without reaching it")
     worker_queue_timeout_s: float = Field(default=30.0, gt=0,
                                           description="longest wait in a worker's queue")
+    ram_factor: float = Field(default=1.2, gt=0,
+                              description="choosing among a repo's files before download: "
+                              "size × this must fit the node")
     # memory preflight (B121): weights + KV cache + this margin per context
     compute_margin_mb: int = Field(default=64, ge=0,
                                    description="compute buffers per context, beyond logits")
