@@ -86,7 +86,8 @@ class AgentProc:
 
 
 def start_agent(
-    home: Path, key: str = "agent-test-key", env: dict[str, str] | None = None, **settings: str
+    home: Path, key: str = "agent-test-key", env: dict[str, str] | None = None,
+    **settings: str | None,
 ) -> AgentProc:
     """An agent on a free port; `env` adds to (or overrides) the inherited environment."""
     home.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,7 @@ def start_agent(
              "port": str(port)}
     args = [sys.executable, "-m", "rbee_agent", "serve", "--config", str(home / "agent.toml")]
     for name, value in flags.items():
-        args += [f"--{name}", value]
+        args += [f"--{name}"] if value is None else [f"--{name}", value]  # None: a switch
     full_env = {**os.environ, "RBEE_AGENT_API_KEY": key, "PYTHONUNBUFFERED": "1", **(env or {})}
     with (home / "stderr.log").open("ab") as err:
         proc = subprocess.Popen(args, stdout=err, stderr=subprocess.STDOUT, cwd=REPO,
