@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -221,7 +222,7 @@ def test_b132_node_says_which_agent_answers(agent: AgentProc) -> None:
 
 def test_b124_worker_environment_holds_no_agent_key(agent: AgentProc) -> None:
     worker = agent.spawn()
-    environ = open(f"/proc/{worker['pid']}/environ", "rb").read().split(b"\0")
+    environ = Path(f"/proc/{worker['pid']}/environ").read_bytes().split(b"\0")
     names = {e.split(b"=", 1)[0] for e in environ if e}
     assert b"RBEE_WORKER_API_KEY" in names and b"RBEE_AGENT_API_KEY" not in names
     assert agent.key.encode() not in b"\0".join(environ)

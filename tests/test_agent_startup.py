@@ -1,5 +1,5 @@
 """Start-up and data-dir safety (B130, B131), catalog faults (B124), settings sources and logs
-of 500s (B133, B134)."""
+of 500s (B120, B133)."""
 
 from __future__ import annotations
 
@@ -183,10 +183,10 @@ async def test_b133_a_500_is_logged_with_its_traceback_under_rbee(
     assert "boom" in caplog.text
 
 
-# --------------------------------------------------------------------------- B134 settings
+# --------------------------------------------------------------------------- B120 settings
 
 
-def test_b134_help_shows_real_defaults() -> None:
+def test_b120_help_shows_real_defaults() -> None:
     r = subprocess.run([sys.executable, "-m", "rbee_agent", "serve", "--help"],
                        capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 0
@@ -196,7 +196,7 @@ def test_b134_help_shows_real_defaults() -> None:
     assert "RBEE_AGENT_IDLE_TIMEOUT_S (default: 300.0)" in text
 
 
-def test_b134_environment_sits_between_flags_and_the_file(
+def test_b120_environment_sits_between_flags_and_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = tmp_path / "agent.toml"

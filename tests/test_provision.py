@@ -653,3 +653,23 @@ def test_b37_worker_stopped_while_its_model_downloads(hub: TestHub, hub_agent: A
         time.sleep(0.05)
     assert hub_agent.get("/v1/workers").json()["workers"] == []
     forget(hub_agent, "hf:acme/spawn-stop/m.gguf")
+
+
+def test_b128_retries_resumes_and_checksum_mismatches_are_notes_in_the_progress(
+    hub: TestHub, hub_agent: AgentProc, model: Blob
+) -> None:
+    hub.add_repo("acme/noted", {"m.gguf": model})
+    hub.fault("drop", at=0.4)
+    events = follow(hub_agent, download(hub_agent, "hf:acme/noted")["job_id"])
+    notes = [e["note"] for e in events if e.get("note")]
+    assert notes, "the resume was not in the progress stream"
+    mb = int(model.size * 0.4) / 1024 / 1024
+    assert notes[0].startswith("attempt 2/6: ") and f"resuming at {mb:.1f} MB in " in notes[0]
+    forget(hub_agent, "hf:acme/noted/m.gguf")
+
+    hub.add_repo("acme/noted-corrupt", {"m.gguf": model})
+    hub.fault("corrupt", at=0.7)
+    events = follow(hub_agent, download(hub_agent, "hf:acme/noted-corrupt")["job_id"])
+    notes = [e["note"] for e in events if e.get("note")]
+    assert any("sha256" in n and "fetching it again" in n for n in notes), notes
+    forget(hub_agent, "hf:acme/noted-corrupt/m.gguf")
