@@ -96,10 +96,8 @@ async def client(http: httpx.AsyncClient, url: str, tokens: int, until: float,
             await asyncio.sleep(0.5)
 
 
-async def load(agent: AgentProc, worker_id: str, clients: int, seconds: float,
-               tokens: int) -> dict[str, Any]:
-    probe = subprocess.Popen([sys.executable, "-c", PROBE, agent.url, agent.key, str(seconds)],
-                             stdout=subprocess.PIPE, text=True)
+async def drive(agent: AgentProc, worker_id: str, clients: int, seconds: float,
+                tokens: int) -> dict[str, Any]:
     tally: dict[str, Any] = {"served": 0, "busy": 0, "errors": 0, "codes": {},
                              "served_ms": []}
     limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=clients)
@@ -108,6 +106,14 @@ async def load(agent: AgentProc, worker_id: str, clients: int, seconds: float,
     async with httpx.AsyncClient(headers=agent.headers, limits=limits, timeout=120) as http:
         await asyncio.gather(*(client(http, url, tokens, until, tally)
                                for _ in range(clients)))
+    return tally
+
+
+def load(agent: AgentProc, worker_id: str, clients: int, seconds: float,
+         tokens: int) -> dict[str, Any]:
+    probe = subprocess.Popen([sys.executable, "-c", PROBE, agent.url, agent.key, str(seconds)],
+                             stdout=subprocess.PIPE, text=True)
+    tally = asyncio.run(drive(agent, worker_id, clients, seconds, tokens))
     out, _ = probe.communicate(timeout=120)
     probed = json.loads(out)
     lat = probed["latency_ms"]
@@ -135,7 +141,7 @@ def main() -> None:
         info = agent.wait_state(worker["id"], "idle")
         results = []
         for clients in args.clients:
-            result = asyncio.run(load(agent, worker["id"], clients, args.seconds, args.tokens))
+            result = load(agent, worker["id"], clients, args.seconds, args.tokens)
             results.append(result)
             print(f"{clients:4d} clients, {args.seconds:g} s: served {result['served']}, "
                   f"503 {result['busy_503']}, errors {result['errors']} "

@@ -100,6 +100,8 @@ async def proxy_inference(sup: Supervisor, worker: ManagedWorker, request: Reque
     request_id = _request_id(request, parsed)
     if worker.state == "loading":
         await sup.wait_ready(worker)
+    if worker.state == "failed" and worker.failure is not None:
+        raise worker.failure
     if worker.state in ("failed", "stopping", "draining") or worker.exited.is_set():
         raise RbeeError(ErrorCode.WORKER_DRAINING, f"Worker {worker.id} is {worker.state}",
                         hint="Spawn a worker for the model again.",

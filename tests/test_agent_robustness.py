@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.agent_support import AgentProc
-from tests.support import LONG_PROMPT, sse_data
+from tests.support import LONG_PROMPT, bundled_model_path, sse_data
 
 # --------------------------------------------------------------------------- B122 intents
 
@@ -198,12 +198,10 @@ def test_b125_a_full_worker_is_refused_by_the_agent_with_retry_after(agent: Agen
 
 
 def test_b127_failed_start_stays_visible_for_failed_kept_s(
-    start_agent: Callable[..., AgentProc], tmp_path: object
+    start_agent: Callable[..., AgentProc],
 ) -> None:
     a = start_agent(**{"failed-kept-s": "1"})
     cut = a.home / "cut.gguf"
-    from tests.support import bundled_model_path
-
     cut.write_bytes(bundled_model_path().read_bytes()[: 2 * 1024 * 1024])
     worker = a.spawn(cut.as_uri())
     info = a.wait_state(worker["id"], "failed")
