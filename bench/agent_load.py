@@ -134,8 +134,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 300])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--queue-depth", type=int, default=8,
+                        help="the worker's queue (used when the worker knows --queue-depth)")
     args = parser.parse_args()
-    agent = start_agent(Path(tempfile.mkdtemp(prefix="rbee-load-")))
+    agent = start_agent(Path(tempfile.mkdtemp(prefix="rbee-load-")),
+                        **{"worker-queue-depth": str(args.queue_depth)})
     try:
         worker = agent.spawn(slots=1)
         info = agent.wait_state(worker["id"], "idle")

@@ -20,6 +20,9 @@ FAST = {
     "idle-timeout-s": "300",
     "idle-check-s": "0.1",
     "stop-grace-s": "5",
+    # No worker queue unless a test asks: a busy 1-slot worker answers ALL_SLOTS_BUSY at once
+    # (B44) instead of holding the request; tests of the queue set their own depth.
+    "worker-queue-depth": "0",
 }
 
 

@@ -194,6 +194,35 @@ def test_b125_a_full_worker_is_refused_by_the_agent_with_retry_after(agent: Agen
     agent.delete(f"/v1/workers/{worker['id']}")
 
 
+def test_b125_a_full_queue_is_answered_by_the_agent(
+    start_agent: Callable[..., AgentProc],
+) -> None:
+    a = start_agent(**{"worker-queue-depth": "1"})
+    worker = a.spawn()
+    info = a.wait_state(worker["id"], "idle")
+    if info["queue_depth"] == 0:
+        pytest.skip("this installation's worker has no --queue-depth yet")
+    url = f"{a.url}/v1/workers/{worker['id']}/inference"
+    long = {"prompt": LONG_PROMPT, "max_tokens": 1500, "temperature": 0}
+    with httpx.stream("POST", url, headers=a.headers, timeout=60, json=long) as first:
+        next(sse_data(first))
+        with httpx.stream("POST", url, headers=a.headers, timeout=60,
+                          json={"prompt": "Hi", "max_tokens": 2}) as queued:
+            assert queued.status_code == 200
+            os.kill(worker["pid"], signal.SIGSTOP)  # the refusal must not need the worker
+            try:
+                full = a.post(f"/v1/workers/{worker['id']}/inference", json={"prompt": "x"})
+            finally:
+                os.kill(worker["pid"], signal.SIGCONT)
+            err = full.json()["error"]
+            assert full.status_code == 503 and err["code"] == "QUEUE_FULL"
+            assert err["details"]["queue_depth"] == 1 and int(full.headers["retry-after"]) >= 1
+            httpx.delete(f"{url[:-len('/inference')]}/inference/"
+                         f"{first.headers['x-request-id']}", headers=a.headers)
+            assert list(sse_data(queued))[-1] == "[DONE]"
+    a.delete(f"/v1/workers/{worker['id']}")
+
+
 # --------------------------------------------------------------------------- B127, B132
 
 
