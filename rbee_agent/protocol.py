@@ -11,12 +11,15 @@ node side both load it, and neither may drag the other's dependencies in.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 API_VERSION = "1"
+REQUEST_ID_HEADER = "X-Request-Id"
+"""The header that carries an inference request's id, both ways (client, agent, worker)."""
 
 # --------------------------------------------------------------------------- errors
 
@@ -38,6 +41,7 @@ class ErrorCode(StrEnum):
     MODEL_LOADING = "MODEL_LOADING"
     MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
     ALL_SLOTS_BUSY = "ALL_SLOTS_BUSY"
+    QUEUE_FULL = "QUEUE_FULL"
     WORKER_DRAINING = "WORKER_DRAINING"
     GENERATION_FAILED = "GENERATION_FAILED"
     # client side
@@ -99,6 +103,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_LOADING: 503,
     ErrorCode.MODEL_LOAD_FAILED: 503,
     ErrorCode.ALL_SLOTS_BUSY: 503,
+    ErrorCode.QUEUE_FULL: 503,
     ErrorCode.WORKER_DRAINING: 503,
     ErrorCode.GENERATION_FAILED: 500,
     ErrorCode.CONNECTION_FAILED: 502,
@@ -298,6 +303,13 @@ class DoneEvent(BaseModel):
     ttft_ms: float | None = None
 
 
+class QueuedEvent(BaseModel):
+    """Sent while a request waits in the worker's queue, before its first token:
+    `queued` requests are ahead of this one."""
+
+    queued: int = Field(ge=0)
+
+
 class StreamErrorEvent(BaseModel):
     """An error after the stream has started (status 200 already sent)."""
 
@@ -343,6 +355,24 @@ def sse_frame(payload: BaseModel | str) -> bytes:
     """One SSE frame, `data: <json>\\n\\n`; JSON is compact and on one line by construction."""
     data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=True)
     return f"data: {data}\n\n".encode()
+
+
+async def iter_sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The `data` of each event in a stream of SSE lines (as `httpx.Response.aiter_lines()`
+    gives them): `data:` lines of one event joined with newlines, comments and other fields
+    skipped, an event ending at a blank line. The one SSE reader of both sides."""
+    data: list[str] = []
+    async for line in lines:
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        field, _, value = line.partition(":")
+        if field == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+    if data:
+        yield "\n".join(data)
 
 
 def parse_sse_data(data: str) -> dict[str, Any] | None:
@@ -404,6 +434,11 @@ class NodeInfo(BaseModel):
     backends: list[Backend]
     gpus: list[GpuInfo] = Field(default_factory=list)
     nvidia_driver: str | None = None
+    # Who is answering: the operator proves that the agent it reaches is the one it started.
+    agent_pid: int | None = None
+    agent_instance_id: str | None = None  # random per agent process
+    agent_started_at: float | None = None
+    gpu_offload: bool | None = None  # whether this node's llama.cpp can offload to a GPU
 
 
 # --------------------------------------------------------------------------- models (B35)
@@ -446,6 +481,7 @@ class SpawnRequest(BaseModel):
     device: int = Field(default=0, ge=0, le=63)
     ctx_size: int | None = Field(default=None, ge=16, le=1_048_576)
     slots: int | None = Field(default=None, ge=1, le=64)
+    new: bool = False  # start another even when one could be reused
 
 
 class WorkerInfo(BaseModel):
@@ -469,6 +505,7 @@ class WorkerInfo(BaseModel):
     layers_loaded: int = 0
     layers_total: int = 0
     active_requests: int = 0
+    queued: int = 0
 
 
 class SpawnReply(BaseModel):
@@ -530,6 +567,7 @@ class DownloadProgress(BaseModel):
     local_path: str | None = None
     model_id: str | None = None
     error: ErrorDetail | None = None
+    note: str | None = None  # a retry, resume or checksum mismatch, as one line
 
 
 class DownloadJob(BaseModel):

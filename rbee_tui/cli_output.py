@@ -22,9 +22,11 @@ from rbee_tui.events import (
     Event,
     Finished,
     HostKeyUnknown,
+    Note,
     OutputLine,
     PhaseDone,
     PhaseStarted,
+    Queued,
     Token,
 )
 from rbee_tui.events import Progress as ProgressEvent
@@ -36,7 +38,9 @@ out_console = Console(highlight=False, soft_wrap=True,
 
 
 class EventPrinter:
-    """Prints a flow's events as they come. `quiet_tokens` for --json (tokens not echoed)."""
+    """The CLI's one renderer of flow events (principle 1): tokens on stdout, everything
+    else on stderr. `quiet_tokens` for --json (tokens not echoed). The TUI's event log
+    widget is its counterpart."""
 
     def __init__(self, quiet_tokens: bool = False) -> None:
         self.quiet_tokens = quiet_tokens
@@ -44,60 +48,98 @@ class EventPrinter:
         self._bar: Progress | None = None
         self._task: TaskID | None = None
         self._bar_phase: str | None = None
-        self._wrote_tokens = False
+        self._line_open = False  # tokens were written and no newline ended them yet
+        self._queued: int | None = None
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, Token):
-            self._end_bar()
-            if not self.quiet_tokens:
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-                self._wrote_tokens = True
-        elif isinstance(event, PhaseStarted):
-            self._end_bar()
-            err_console.print(f"[bold yellow]→[/] {escape(event.message)}")
-        elif isinstance(event, PhaseDone):
-            self._end_bar()
-            if event.message:
-                err_console.print(f"  [green]✓[/] {escape(event.message)}")
-        elif isinstance(event, Attempt):
-            self._attempt(event)
-        elif isinstance(event, ProgressEvent):
-            self._progress(event)
-        elif isinstance(event, OutputLine):
-            self._end_bar()
-            err_console.print(f"  [dim]{escape(event.line)}[/]")
-        elif isinstance(event, HostKeyUnknown):
-            err_console.print(f"  [yellow]![/] unknown host key for {event.host}:{event.port}: "
-                              f"{escape(event.key_type)} {escape(event.fingerprint)}")
-        elif isinstance(event, Finished):
-            self._end_bar()
-            self.finished = event
-            if self._wrote_tokens:
-                sys.stdout.write("\n")
-                sys.stdout.flush()
-            err_console.print(f"[bold green]✓[/] {escape(event.message)}")
+        match event:
+            case Token(text=text):
+                self._token(text)
+            case ProgressEvent():
+                self._break_line()
+                self._progress(event)
+            case OutputLine(phase=phase, line=line) if self._bar_phase == phase:
+                assert self._bar is not None
+                self._bar.console.print(f"  [dim]{escape(line)}[/]")  # above the bar
+            case Finished():
+                self._end_line()
+                self._end_bar()
+                self._say(event)
+            case _:
+                self._break_line()
+                self._end_bar()
+                self._say(event)
 
-    def _attempt(self, event: Attempt) -> None:
+    def _say(self, event: Event) -> None:
+        match event:
+            case PhaseStarted(message=message):
+                err_console.print(f"[bold yellow]→[/] {escape(message)}")
+            case PhaseDone(message=message) if message:
+                err_console.print(f"  [green]✓[/] {escape(message)}")
+            case Attempt(error=None, number=number, total=total):
+                err_console.print(f"  attempt {number}/{total} …")
+            case Attempt(error=RbeeError() as error, number=number, total=total,
+                         retry_in_s=retry):
+                again = f"; retrying in {retry:g} s" if retry is not None else ""
+                err_console.print(f"  [red]✗[/] attempt {number}/{total}: "
+                                  f"{escape(error.message)}{again}")
+            case Note(message=message):
+                err_console.print(f"  [cyan]·[/] {escape(message)}")
+            case Queued(ahead=ahead) if ahead != self._queued:
+                self._queued = ahead
+                err_console.print(f"  [cyan]·[/] queued, {ahead} ahead")
+            case OutputLine(line=line):
+                err_console.print(f"  [dim]{escape(line)}[/]")
+            case HostKeyUnknown(host=host, port=port, key_type=key_type,
+                                fingerprint=fingerprint):
+                err_console.print(f"  [yellow]![/] unknown host key for {host}:{port}: "
+                                  f"{escape(key_type)} {escape(fingerprint)}")
+            case Finished(message=message):
+                self.finished = event
+                err_console.print(f"[bold green]✓[/] {escape(message)}")
+
+    def warn(self, message: str) -> None:
+        """A problem that does not stop the command (a node of a listing did not answer)."""
+        self._break_line()
         self._end_bar()
-        if event.error is None:
-            err_console.print(f"  attempt {event.number}/{event.total} …")
+        err_console.print(f"[yellow]![/] {escape(message)}")
+
+    def _token(self, text: str) -> None:
+        self._end_bar()
+        if self.quiet_tokens:
             return
-        retry = f"; retrying in {event.retry_in_s:g} s" if event.retry_in_s else ""
-        err_console.print(f"  [red]✗[/] attempt {event.number}/{event.total}: "
-                          f"{escape(event.error.message)}{retry}")
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        self._line_open = True
+
+    def _end_line(self) -> None:
+        """A whole reply: end its line on stdout."""
+        if self._line_open:
+            self._line_open = False
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+    def _break_line(self) -> None:
+        """Anything else after tokens (an error, "canceled") starts on a line of its own,
+        the newline going to stderr so stdout keeps exactly the tokens that arrived (B53,
+        B157)."""
+        if self._line_open:
+            self._line_open = False
+            err_console.print()
 
     def _progress(self, event: ProgressEvent) -> None:
         if self._bar is None or self._bar_phase != event.phase:
             self._end_bar()
             self._bar = Progress(TextColumn(f"  {event.phase}"), BarColumn(),
                                  TextColumn("{task.completed:.0f}/{task.total:.0f} " + event.unit),
+                                 TextColumn("{task.description}"),
                                  TimeElapsedColumn(), console=err_console, transient=False)
             self._bar.start()
-            self._task = self._bar.add_task(event.phase, total=event.total)
+            self._task = self._bar.add_task(event.message, total=event.total)
             self._bar_phase = event.phase
         assert self._task is not None
-        self._bar.update(self._task, completed=event.done, total=event.total)
+        self._bar.update(self._task, completed=event.done, total=event.total,
+                         description=event.message)
 
     def _end_bar(self) -> None:
         if self._bar is not None:
@@ -106,7 +148,10 @@ class EventPrinter:
             self._bar_phase = None
 
     def close(self) -> None:
+        """The flow ended (or broke off): stop a bar, and put what follows on a line of its
+        own ("canceled", an error) without adding to stdout."""
         self._end_bar()
+        self._break_line()
 
 
 def print_error(err: RbeeError) -> None:
