@@ -4,7 +4,7 @@ Exit codes: 0 ok, 1 error, 2 usage, 130 interrupted. A user's mistake prints one
 and a hint, never a traceback (`--debug` shows it). `--json` on every listing.
 
 This module imports nothing but the standard library at load time: `rbee --help` and a
-usage error are answered before pydantic, httpx, Rich or Textual are loaded (B156). The
+usage error are answered before pydantic, httpx, Rich or Textual are loaded (B151). The
 handlers (`cli_commands`) and the printer (`cli_output`) are imported once the arguments
 are known to be good.
 """
@@ -33,7 +33,7 @@ _INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
 
 class Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so main() owns every exit code, and that
-    says which subcommand a typo probably meant (B155)."""
+    says which subcommand a typo probably meant (B150)."""
 
     def error(self, message: str) -> NoReturn:
         match = _INVALID_CHOICE.search(message)

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from rbee_agent.protocol import ChatMessage, ErrorCode, RbeeError
-from rbee_tui.cli_output import EventPrinter, ago, err_console, print_error, print_json, print_table
+from rbee_tui.cli_output import (
+    EventPrinter,
+    ago,
+    escape,
+    print_error,
+    print_json,
+    print_table,
+    say,
+)
 from rbee_tui.config import (
     DEFAULT_INSTALL_PATH,
     Config,
@@ -47,10 +55,10 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
         return asyncio.run(dispatch(args, printer))
     except KeyboardInterrupt:
         printer.close()
-        err_console.print("[yellow]canceled[/]")
+        say("[yellow]canceled[/]")
         return EXIT_INTERRUPTED
     except usage_error as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        say(f"[bold red]error:[/] {escape(str(exc))}")
         return EXIT_USAGE
     except RbeeError as err:
         if args.debug:
@@ -195,7 +203,7 @@ async def cmd_nodes_remove(args: argparse.Namespace, config: Config, links: Node
         question = f"Remove node '{node.name}' ({_host(node)})? [y/N] "
         answer = await asyncio.to_thread(input, question)
         if answer.strip().lower() not in ("y", "yes"):
-            err_console.print("kept")
+            say("kept")
             return EXIT_OK
     printer(Finished(await asyncio.to_thread(node_ops.remove, config, node.name)))
     return EXIT_OK
@@ -304,7 +312,7 @@ async def cmd_workers_health(args: argparse.Namespace, config: Config, links: No
     if args.json:
         print_json({"agent": health.model_dump(), "workers": [w.model_dump() for w in workers]})
         return EXIT_OK
-    err_console.print(f"agent {health.version} on {args.node}: ok")
+    say(f"agent {health.version} on {args.node}: ok")
     print_table(["ID", "MODEL", "STATE", "SLOTS FREE", "QUEUED", "IDLE FOR", "TOKENS"],
                 ([w.id, w.model_id, w.state, f"{w.slots_available}/{w.slots_total}", w.queued,
                   ago(w.last_activity), w.tokens_served] for w in workers),

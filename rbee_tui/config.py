@@ -66,7 +66,7 @@ class OperatorSettings(BaseModel):
     token_stall_s: float = Field(default=60.0, gt=0)
     queue_full_retry: RetryPolicy = Field(default_factory=lambda: policy(4, 1.0, 2.0, 4.0))
     # a busy worker with at least this many queued requests gets a second copy of its model
-    # when the node has room (0: never; B149)
+    # when the node has room (0: never; B148)
     spawn_when_queued: int = Field(default=4, ge=0)
     agent_start_timeout_s: float = Field(default=30.0, gt=0)
     # a remote agent that does not answer is started over SSH when a command needs it (B143)
@@ -173,7 +173,7 @@ class Config(BaseModel):
 
 
 def did_you_mean(word: str, choices: list[str]) -> str | None:
-    """The one choice a typo most likely meant, or None (B155)."""
+    """The one choice a typo most likely meant, or None (B150)."""
     import difflib
 
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)

@@ -68,7 +68,7 @@ class Note:
 
 @dataclass(frozen=True)
 class Queued:
-    """The request waits in the worker's queue with `ahead` requests before it (B149)."""
+    """The request waits in the worker's queue with `ahead` requests before it (B148)."""
 
     ahead: int
 

@@ -1,7 +1,7 @@
 """Install or upgrade the agent on a node over SSH, as a flow of events (B06).
 
 Steps, each announced with PhaseStarted/PhaseDone: ssh, python (python3 new enough), gpu
-(with `backend="cuda"` only: nvcc and the GPUs on the node, B152), upload (a wheel of this
+(with `backend="cuda"` only: nvcc and the GPUs on the node, B149), upload (a wheel of this
 very rbee, over SFTP), stop (only when an agent runs: upgrade in place), venv
 (`<install_path>/venv`, reused when it works), cuda (with `backend="cuda"`: llama-cpp-python
 built on the node with `-DGGML_CUDA=on`, its build log streamed as OutputLine and its
@@ -36,6 +36,7 @@ import tomli_w
 from rbee_agent import __version__
 from rbee_agent.model_refs import BUNDLED_MODEL_REQUIREMENT
 from rbee_agent.protocol import ErrorCode, RbeeError
+from rbee_tui.client import version_mismatch
 from rbee_tui.config import Node, OperatorSettings
 from rbee_tui.events import Event, Finished, Note, OutputLine, PhaseDone, PhaseStarted, Progress
 from rbee_tui.remote_agent import AgentLayout, RemoteAgent
@@ -160,7 +161,7 @@ class _Steps:
         return f"Python {found} ({path})"
 
     async def gpu(self) -> dict[str, str]:
-        """B152: nvcc (required to build), the GPUs nvidia-smi shows, and whether the
+        """B149: nvcc (required to build), the GPUs nvidia-smi shows, and whether the
         installed llama.cpp (if any) already offloads."""
         out = await self.conn.run_script(self._script(GPU_CHECK), what="Looking for nvcc")
         facts = parse_facts(out.stdout)
@@ -339,9 +340,7 @@ async def install_agent(node: Node, settings: OperatorSettings, *, api_key: str 
         with steps.step("health"):
             health = await agent.wait_healthy(pid=started.pid)
             if health.version != __version__:
-                raise RbeeError(ErrorCode.VERSION_MISMATCH,
-                                f"the agent answers as rbee {health.version}, not "
-                                f"{__version__}")
+                raise version_mismatch(node.name, health.version)
         yield PhaseDone("health", f"rbee {health.version} answers")
 
     yield Finished(

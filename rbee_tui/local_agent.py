@@ -46,7 +46,6 @@ from rbee_agent.auth import new_api_key
 from rbee_agent.protocol import ErrorCode, HealthReply, NodeInfo, RbeeError
 from rbee_agent.settings import default_config_file
 from rbee_agent.tomlfile import read_toml
-from rbee_tui import registry_file
 from rbee_tui.config import CONFIG_ENV, DEFAULT_AGENT_PORT, OperatorSettings, state_dir
 
 KEY_ENV = "RBEE_AGENT_API_KEY"  # the agent prefers it to its config: never pass ours on
@@ -84,6 +83,8 @@ def pid_file() -> Path:
 
 
 def _update_agent_config(path: Path, values: dict[str, object]) -> None:
+    from rbee_tui import registry_file  # tomlkit loads only when something is written
+
     with registry_file.locked(path):
         doc = registry_file.read_document(path)
         for name, value in values.items():
@@ -144,7 +145,7 @@ Answer = NodeInfo | Literal["nobody", "silent", "stranger"]
 
 def _get(url: str, path: str, key: str | None, timeout: float) -> tuple[int, bytes]:
     """One GET on loopback with the standard library: a listing that only asks the local
-    agent does not pay for loading httpx (B156)."""
+    agent does not pay for loading httpx (B151)."""
     import http.client
     from urllib.parse import urlsplit
 
@@ -262,9 +263,9 @@ def lookup(settings: OperatorSettings) -> Lookup:
                         "agent")
 
 
-def _ours(port: int, key: str, info: NodeInfo, note: str | None = None) -> LocalAgent:
-    return LocalAgent(_url(port), key, info.agent_pid or recorded_pid(), started_here=False,
-                      instance_id=info.agent_instance_id, note=note)
+def _ours(port: int, key: str, info: NodeInfo, pid: int | None = None) -> LocalAgent:
+    return LocalAgent(_url(port), key, info.agent_pid or pid, started_here=False,
+                      instance_id=info.agent_instance_id)
 
 
 _START_LOCK = threading.Lock()
@@ -290,7 +291,7 @@ def _find_or_start(settings: OperatorSettings) -> LocalAgent:
     probe = _probe(settings, settings.http_timeout_s)
     config, key, port, answer = probe.config, probe.key, probe.port, probe.answer
     if isinstance(answer, NodeInfo):
-        return _ours(port, key, answer)
+        return _ours(port, key, answer, recorded_pid())
     if answer == "silent":
         raise RbeeError(
             ErrorCode.AGENT_UNREACHABLE,

@@ -132,7 +132,7 @@ async def run_inference(
 
 async def _choose_worker(client: AgentClient, spec: InferenceSpec,
                          settings: OperatorSettings) -> AsyncIterator[Event | WorkerInfo]:
-    """B51, B149: an idle worker; else a busy one's queue, unless its queue is long and the
+    """B51, B148: an idle worker; else a busy one's queue, unless its queue is long and the
     node has room for another copy; else a new worker, once the model is known to exist."""
     yield PhaseStarted("worker", f"Looking for a worker with {spec.model_ref}")
     matching = [w for w in await client.workers() if _matches(w, spec)]

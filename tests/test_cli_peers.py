@@ -1,4 +1,4 @@
-"""B11-B13, B44, B54, B142-B149: the flow against a scripted agent stand-in that misbehaves
+"""B11-B13, B44, B54, B142-B148: the flow against a scripted agent stand-in that misbehaves
 on purpose.
 
 The one place a stand-in is right: it plays a peer that is old, broken, busy or stuck.
@@ -189,7 +189,7 @@ def test_b54_no_token_for_the_stall_time_cancels(rbee: RbeeEnv, stand_in: StandI
     assert any(line.startswith("DELETE /v1/workers/w1/inference/") for line in stand_in.log)
 
 
-# ------------------------------------------------------------------ B144, B146-B149
+# ------------------------------------------------------------------ B144, B146-B148
 
 
 def done_frame(tokens: int, reason: str = "length") -> str:
@@ -315,7 +315,7 @@ def test_b147_workers_stop_waits_while_the_agent_drains(rbee: RbeeEnv, stand_in:
     assert "worker w1 (smollm2-135m) stopped" in r.stderr and "Timeout" not in r.stderr
 
 
-def test_b149_a_busy_worker_queues_the_request_and_shows_its_place(rbee: RbeeEnv,
+def test_b148_a_busy_worker_queues_the_request_and_shows_its_place(rbee: RbeeEnv,
                                                                    stand_in: StandIn) -> None:
     stand_in.healthy()
     busy = {**WORKER, "state": "busy", "slots_available": 0, "queued": 1}
@@ -331,7 +331,7 @@ def test_b149_a_busy_worker_queues_the_request_and_shows_its_place(rbee: RbeeEnv
     assert "POST /v1/workers" not in stand_in.log, "no second copy for a short queue"
 
 
-def test_b149_a_long_queue_gets_another_copy_when_the_node_has_room(rbee: RbeeEnv,
+def test_b148_a_long_queue_gets_another_copy_when_the_node_has_room(rbee: RbeeEnv,
                                                                     stand_in: StandIn) -> None:
     stand_in.healthy()
     busy = {**WORKER, "state": "busy", "slots_available": 0, "queued": 6}
@@ -353,7 +353,7 @@ def test_b149_a_long_queue_gets_another_copy_when_the_node_has_room(rbee: RbeeEn
     assert "no room for another worker" in r.stderr and "joining the queue of w1" in r.stderr
 
 
-def test_b149_a_full_queue_is_retried_after_the_time_the_worker_asks(rbee: RbeeEnv,
+def test_b148_a_full_queue_is_retried_after_the_time_the_worker_asks(rbee: RbeeEnv,
                                                                      stand_in: StandIn) -> None:
     stand_in.healthy()
     full = {"error": {"code": "QUEUE_FULL", "message": "The queue of worker w1 is full",

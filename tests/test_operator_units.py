@@ -1,6 +1,6 @@
 """The operator side's small pieces, without processes: the retry policy and the HTTP retry
-transport (B142), hints (B146), the registry merge (B145), GPU words (B152), the CLI's
-parser (B155, B156)."""
+transport (B142), hints (B146), the registry merge (B145), GPU words (B149), the CLI's
+parser (B150, B151)."""
 
 from __future__ import annotations
 
@@ -182,10 +182,10 @@ def test_b145_temp_files_of_interrupted_saves_are_swept(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
 
 
-# ------------------------------------------------------------------ B152: GPU words
+# ------------------------------------------------------------------ B149: GPU words
 
 
-def test_b152_check_says_which_gpus_and_whether_llama_cpp_offloads() -> None:
+def test_b149_check_says_which_gpus_and_whether_llama_cpp_offloads() -> None:
     info = NodeInfo(hostname="h", os="Linux", arch="x86_64", cpu_count=8, cpu_percent=0,
                     ram_total_mb=1, ram_available_mb=1, models_dir="/m", disk_free_mb=1,
                     backends=["cpu", "cuda"], gpus=[GpuInfo(index=0, name="NVIDIA H100",
@@ -196,7 +196,7 @@ def test_b152_check_says_which_gpus_and_whether_llama_cpp_offloads() -> None:
     assert describe_gpus(info) == "no GPU; llama.cpp offload not reported"
 
 
-def test_b152_cuda_build_command_line() -> None:
+def test_b149_cuda_build_command_line() -> None:
     from rbee_tui.install import _Steps, llama_requirement
     from rbee_tui.remote_agent import AgentLayout
 
@@ -211,7 +211,7 @@ def test_b152_cuda_build_command_line() -> None:
     assert re.fullmatch(r"llama-cpp-python==\d+\.\d+\.\d+", llama_requirement())
 
 
-# ------------------------------------------------------------------ B155, B156: the CLI
+# ------------------------------------------------------------------ B150, B151: the CLI
 
 
 def _options(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Action]]:
@@ -225,7 +225,7 @@ def _options(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Action
     return found
 
 
-def test_b156_every_option_has_help_and_no_internal_ids() -> None:
+def test_b151_every_option_has_help_and_no_internal_ids() -> None:
     options = _options(cli.build_parser())
     assert len(options) > 60
     for name, action in options:
@@ -234,7 +234,7 @@ def test_b156_every_option_has_help_and_no_internal_ids() -> None:
     assert cli.DEFAULT_MODEL == DEFAULT_MODEL
 
 
-def test_b156_help_loads_no_heavy_module() -> None:
+def test_b151_help_loads_no_heavy_module() -> None:
     code = ("import sys, contextlib, io\n"
             "from rbee_tui import cli\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
@@ -248,7 +248,7 @@ def test_b156_help_loads_no_heavy_module() -> None:
     assert out.strip() == "[]"
 
 
-def test_b155_a_mistyped_subcommand_or_node_gets_a_suggestion() -> None:
+def test_b150_a_mistyped_subcommand_or_node_gets_a_suggestion() -> None:
     with pytest.raises(cli.UsageError) as caught:
         cli.build_parser().parse_args(["nodes", "lst"])
     assert "did you mean 'list'?" in str(caught.value)

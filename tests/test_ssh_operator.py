@@ -1,4 +1,4 @@
-"""Operator truthfulness over real SSH (B140, B143, B145, B152): OpenSSH's sshd on loopback
+"""Operator truthfulness over real SSH (B140, B143, B145, B149): OpenSSH's sshd on loopback
 for the `rbee` command, the in-process asyncssh server where a test must shape the node."""
 
 from __future__ import annotations
@@ -100,10 +100,10 @@ def test_b143_a_dead_agent_is_started_over_ssh_and_inference_updates_last_contac
     assert stopped.returncode == 0, stopped.stderr
 
 
-# ------------------------------------------------------------------ B152
+# ------------------------------------------------------------------ B149
 
 
-def test_b152_install_with_cuda_on_a_node_without_nvcc_names_the_package(
+def test_b149_install_with_cuda_on_a_node_without_nvcc_names_the_package(
         rbee: RbeeEnv, ssh_env: SshEnv) -> None:
     # a node whose PATH and CUDA_HOME hold no nvcc (this machine may have one elsewhere)
     server = start_sshd(ssh_env.tmp / "sshd-no-cuda", [ssh_env.key],
@@ -125,7 +125,7 @@ def test_b152_install_with_cuda_on_a_node_without_nvcc_names_the_package(
         "it fails before anything is changed on the node"
 
 
-async def test_b152_a_node_with_nvcc_is_found_over_real_ssh(ssh_env: SshEnv, sshd: OpenSshd
+async def test_b149_a_node_with_nvcc_is_found_over_real_ssh(ssh_env: SshEnv, sshd: OpenSshd
                                                            ) -> None:
     if not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()):  # noqa: ASYNC240
         pytest.skip("this machine has no nvcc to find")
@@ -144,7 +144,7 @@ async def trusted(ssh_env: SshEnv, asyncssh_server: AsyncSshServer) -> AsyncSshS
     return asyncssh_server
 
 
-async def test_b152_nvcc_found_and_the_build_log_streams_with_progress(
+async def test_b149_nvcc_found_and_the_build_log_streams_with_progress(
         ssh_env: SshEnv, trusted: AsyncSshServer, monkeypatch: pytest.MonkeyPatch) -> None:
     bin_dir = ssh_env.tmp / "cuda" / "bin"
     bin_dir.mkdir(parents=True)

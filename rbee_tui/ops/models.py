@@ -1,4 +1,4 @@
-"""Model operations on a node's catalog (B35-B37, B155): list, download, remove, and the
+"""Model operations on a node's catalog (B35-B37, B150): list, download, remove, and the
 check that a model exists before anything is started for it."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def download_progress(done: int, total: int, speed_mbps: float | None) -> Progre
 
 
 async def require_model(client: AgentClient, model_ref: str) -> CatalogEntry | None:
-    """B155: a catalog name the node does not know is an error before anything is spawned,
+    """B150: a catalog name the node does not know is an error before anything is spawned,
     with the closest name it does know. `hf:` and `file://` references are provisioned by
     the agent, so they pass (None)."""
     if not isinstance(parse_model_ref(model_ref), CatalogRef):

@@ -1,4 +1,4 @@
-"""Node operations (B01-B09, B140-B152): the registry, the agent's life, live status.
+"""Node operations (B01-B09, B140-B149): the registry, the agent's life, live status.
 
 Both faces call these: `rbee nodes …` and the dashboard's node form, install screen and
 agent key. Each flow yields events and ends with one `Finished` carrying its whole result
@@ -139,7 +139,7 @@ def _not_local(node: Node, what: str) -> None:
 
 async def install(config: Config, node: Node, *, accept_new_host_key: bool = False,
                   backend: str = "cpu") -> AsyncIterator[Event]:
-    """B06, B152: install or upgrade the agent over SSH and keep its key in the registry."""
+    """B06, B149: install or upgrade the agent over SSH and keep its key in the registry."""
     from rbee_tui import ssh
 
     _not_local(node, "nothing to install")
@@ -215,7 +215,7 @@ async def restart_agent(config: Config, node: Node) -> AsyncIterator[Event]:
 
 
 def describe_gpus(info: NodeInfo) -> str:
-    """B152: which GPUs the node has and whether its llama.cpp can use them."""
+    """B149: which GPUs the node has and whether its llama.cpp can use them."""
     gpus = "; ".join(f"GPU {g.index} {g.name}" + (f" ({g.vram_total_mb} MB)"
                                                    if g.vram_total_mb else "")
                      for g in info.gpus) or "no GPU"
@@ -226,7 +226,7 @@ def describe_gpus(info: NodeInfo) -> str:
 
 async def check(config: Config, links: NodeLinks, node: Node, *,
                 accept_new_host_key: bool = False) -> AsyncIterator[Event]:
-    """B04, B152: SSH (for an SSH node), then the agent: it answers as itself, its
+    """B04, B149: SSH (for an SSH node), then the agent: it answers as itself, its
     version, memory, backends, GPUs and GPU offload; one summary at the end."""
     if node.transport == "ssh":
         async for item in _ssh_check(node, config, accept_new_host_key):

@@ -1,4 +1,4 @@
-"""Worker operations (B24-B30, B74, B147, B149): spawn with loading progress, stop while the
+"""Worker operations (B24-B30, B74, B147, B148): spawn with loading progress, stop while the
 agent drains, and the workers of every node at once."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from rbee_agent.protocol import (
 )
 from rbee_tui.client import AgentClient
 from rbee_tui.config import Config, OperatorSettings
-from rbee_tui.events import Event, Finished, Note, PhaseDone, PhaseStarted, Progress
+from rbee_tui.events import Event, Finished, PhaseDone, PhaseStarted, Progress
 from rbee_tui.links import NodeLinks
 from rbee_tui.ops.models import download_progress
 
@@ -158,7 +158,3 @@ async def list_all(links: NodeLinks, names: list[str], timeout_s: float) -> list
 
     return list(await asyncio.gather(*(one(name) for name in names)))
 
-
-def note_queue(worker: WorkerInfo) -> Note:
-    return Note("worker", f"worker {worker.id} is busy with {worker.queued} queued: this "
-                          "request waits its turn there")
