@@ -307,7 +307,7 @@ class QueuedEvent(BaseModel):
     """Sent while a request waits in the worker's queue, before its first token:
     `queued` requests are ahead of this one."""
 
-    queued: int = Field(ge=0)
+    queued: int
 
 
 class StreamErrorEvent(BaseModel):

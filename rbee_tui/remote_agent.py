@@ -211,6 +211,18 @@ echo "stopped=$stopped"
 """
 
 
+_PORT_HOLDER = r"""
+line=$(ss -ltnpH "sport = :$port" 2>/dev/null | head -n 1)
+pid=$(printf '%s' "$line" | sed -n 's/.*pid=\([0-9][0-9]*\).*/\1/p')
+if [ -n "$pid" ]; then
+  echo "pid=$pid"
+  echo "user=$(ps -o user= -p "$pid" 2>/dev/null)"
+  echo "args=$(ps -o args= -p "$pid" 2>/dev/null | cut -c1-100)"
+fi
+true
+"""
+
+
 def _unit_quote(arg: str) -> str:
     escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
     return f'"{escaped}"'
@@ -423,8 +435,9 @@ class RemoteAgent:
         last = next((ln for ln in reversed(lines) if "error" in ln.lower()),
                     lines[-1] if lines else "no output")
         source = next((t.source for t in tails if t.lines), self.layout.out_file)
-        held = (f"; port {self.node.agent_port} on the node is held by another agent, one "
-                "that refuses this node's key" if self._stranger else "")
+        held = (f"; port {self.node.agent_port} on the node is held by another agent"
+                f"{await self._port_holder()}, one that refuses this node's key"
+                if self._stranger else "")
         return RbeeError(
             ErrorCode.AGENT_UNREACHABLE,
             f"The agent on node '{self.node.name}' {what}: {last}{held}",
@@ -435,6 +448,19 @@ class RemoteAgent:
             details={"node": self.node.name, "log": source, "log_tail": lines,
                      "port_held": self._stranger},
         )
+
+    async def _port_holder(self) -> str:
+        """Who listens on the agent's port on the node, where `ss` there shows it (B140)."""
+        script = f"port={int(self.node.agent_port)}\n{_PORT_HOLDER}"
+        try:
+            facts = parse_facts((await self.conn.run_script(
+                script, check=False, what="Looking up the port's owner")).stdout)
+        except RbeeError:
+            return ""
+        if not facts.get("pid"):
+            return ""
+        return (f" (pid {facts['pid']}, user {facts.get('user') or '?'}: "
+                f"{facts.get('args') or '?'})")
 
     async def log_tails(self, lines: int = LOG_LINES) -> list[LogTail]:
         """The last lines of the agent's output (agent.out, or the journal under systemd)

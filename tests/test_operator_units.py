@@ -9,6 +9,7 @@ import re
 import stat
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -258,3 +259,14 @@ def test_b150_a_mistyped_subcommand_or_node_gets_a_suggestion() -> None:
     parsed = cli.build_parser().parse_args(["models", "rm", "--model", "x"])
     assert parsed.handler == "models_remove"
     assert cli.build_parser().parse_args(["nodes", "rm", "n1"]).handler == "nodes_remove"
+
+
+async def test_b43_sse_lines_are_read_one_way() -> None:
+    from rbee_agent.protocol import iter_sse_data
+
+    async def lines() -> AsyncIterator[str]:
+        for line in [": a comment", "data: {\"a\": 1}", "", "event: x", "data: one",
+                     "data:two", "", "", "data: [DONE]"]:
+            yield line
+
+    assert [d async for d in iter_sse_data(lines())] == ['{"a": 1}', "one\ntwo", "[DONE]"]

@@ -181,5 +181,7 @@ async def test_b140_a_remote_agent_whose_port_is_taken_is_not_reported_started(
     assert err.code == ErrorCode.AGENT_UNREACHABLE
     assert "exited while starting" in err.message
     assert f"port {squatter.port} on the node is held by another agent" in err.message
+    if shutil.which("ss"):  # the owner, as the node's `ss` shows it
+        assert f"(pid {squatter.proc.pid}, user " in err.message
     assert err.details["port_held"] is True
     assert squatter.proc.poll() is None

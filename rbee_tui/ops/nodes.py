@@ -88,14 +88,8 @@ async def add(config: Config, node: Node, *, accept_new_host_key: bool = False
               ) -> AsyncIterator[Event]:
     """B01-B03: test SSH, and only a node that answered is saved."""
     refuse_existing(config, node.name)
-    async for item in _ssh_check(node, config, accept_new_host_key):
-        if isinstance(item, Node):
-            node = item
-        else:
-            yield item
-    config.nodes[node.name] = node
-    path = await asyncio.to_thread(save_config, config)
-    yield Finished(f"node '{node.name}' saved to {path}", {"node": node.name})
+    async for event in _checked_and_saved(config, node, True, accept_new_host_key, "saved to"):
+        yield event
 
 
 REACH_FIELDS = ("ssh_host", "ssh_port", "ssh_user", "ssh_key")
@@ -105,15 +99,23 @@ async def edit(config: Config, updated: Node, *, accept_new_host_key: bool = Fal
                ) -> AsyncIterator[Event]:
     """B05: a change to how the node is reached is tested before it is saved."""
     before = config.node(updated.name)
-    if any(getattr(updated, f) != getattr(before, f) for f in REACH_FIELDS):
-        async for item in _ssh_check(updated, config, accept_new_host_key):
+    check = any(getattr(updated, f) != getattr(before, f) for f in REACH_FIELDS)
+    async for event in _checked_and_saved(config, updated, check, accept_new_host_key,
+                                          "updated in"):
+        yield event
+
+
+async def _checked_and_saved(config: Config, node: Node, check: bool, accept: bool,
+                             verb: str) -> AsyncIterator[Event]:
+    if check:
+        async for item in _ssh_check(node, config, accept):
             if isinstance(item, Node):
-                updated = item
+                node = item
             else:
                 yield item
-    config.nodes[updated.name] = updated
-    await asyncio.to_thread(save_config, config)
-    yield Finished(f"node '{updated.name}' updated", {"node": updated.name})
+    config.nodes[node.name] = node
+    path = await asyncio.to_thread(save_config, config)
+    yield Finished(f"node '{node.name}' {verb} {path}", {"node": node.name})
 
 
 def remove(config: Config, name: str) -> str:
