@@ -11,12 +11,15 @@ node side both load it, and neither may drag the other's dependencies in.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 API_VERSION = "1"
+REQUEST_ID_HEADER = "X-Request-Id"
+"""The header that carries an inference request's id, both ways (client, agent, worker)."""
 
 # --------------------------------------------------------------------------- errors
 
@@ -313,6 +316,13 @@ class DoneEvent(BaseModel):
     ttft_ms: float | None = None
 
 
+class QueuedEvent(BaseModel):
+    """Sent while a request waits in the worker's queue, before its first token:
+    `queued` requests are ahead of this one."""
+
+    queued: int
+
+
 class StreamErrorEvent(BaseModel):
     """An error after the stream has started (status 200 already sent)."""
 
@@ -358,6 +368,24 @@ def sse_frame(payload: BaseModel | str) -> bytes:
     """One SSE frame, `data: <json>\\n\\n`; JSON is compact and on one line by construction."""
     data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=True)
     return f"data: {data}\n\n".encode()
+
+
+async def iter_sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The `data` of each event in a stream of SSE lines (as `httpx.Response.aiter_lines()`
+    gives them): `data:` lines of one event joined with newlines, comments and other fields
+    skipped, an event ending at a blank line. The one SSE reader of both sides."""
+    data: list[str] = []
+    async for line in lines:
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        field, _, value = line.partition(":")
+        if field == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+    if data:
+        yield "\n".join(data)
 
 
 def parse_sse_data(data: str) -> dict[str, Any] | None:
