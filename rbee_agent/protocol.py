@@ -288,6 +288,13 @@ class TokenEvent(BaseModel):
     index: int
 
 
+class QueuedEvent(BaseModel):
+    """Sent while a request waits in the worker's queue, before its first token: `queued` is
+    how many requests are ahead of this one."""
+
+    queued: int
+
+
 class DoneEvent(BaseModel):
     done: Literal[True] = True
     total_tokens: int
@@ -446,6 +453,9 @@ class SpawnRequest(BaseModel):
     device: int = Field(default=0, ge=0, le=63)
     ctx_size: int | None = Field(default=None, ge=16, le=1_048_576)
     slots: int | None = Field(default=None, ge=1, le=64)
+    gpu_layers: int | Literal["auto"] | None = None
+    devices: list[int] | None = None
+    new: bool = False
 
 
 class WorkerInfo(BaseModel):
@@ -469,6 +479,9 @@ class WorkerInfo(BaseModel):
     layers_loaded: int = 0
     layers_total: int = 0
     active_requests: int = 0
+    queued: int = 0
+    gpu_layers: int | None = None
+    devices: list[int] = Field(default_factory=list)
 
 
 class SpawnReply(BaseModel):
@@ -530,6 +543,7 @@ class DownloadProgress(BaseModel):
     local_path: str | None = None
     model_id: str | None = None
     error: ErrorDetail | None = None
+    note: str | None = None
 
 
 class DownloadJob(BaseModel):

@@ -68,6 +68,13 @@ class HostKeyUnknown:
 
 
 @dataclass(frozen=True)
+class Queued:
+    """The request waits in the worker's queue with `ahead` requests before it (B170)."""
+
+    ahead: int
+
+
+@dataclass(frozen=True)
 class Token:
     text: str
     index: int
@@ -82,5 +89,6 @@ class Finished:
 
 
 Event = (
-    PhaseStarted | PhaseDone | Attempt | Progress | OutputLine | HostKeyUnknown | Token | Finished
+    PhaseStarted | PhaseDone | Attempt | Progress | OutputLine | HostKeyUnknown | Queued | Token
+    | Finished
 )

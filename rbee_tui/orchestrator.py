@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rbee_agent.model_refs import parse_model_ref
 from rbee_agent.protocol import (
@@ -29,7 +29,16 @@ from rbee_agent.protocol import (
 )
 from rbee_tui.client import AgentClient
 from rbee_tui.config import Config, OperatorSettings, state_dir
-from rbee_tui.events import Attempt, Event, Finished, PhaseDone, PhaseStarted, Progress, Token
+from rbee_tui.events import (
+    Attempt,
+    Event,
+    Finished,
+    PhaseDone,
+    PhaseStarted,
+    Progress,
+    Queued,
+    Token,
+)
 
 ClientOpener = Callable[[str], Awaitable[AgentClient]]
 
@@ -47,6 +56,10 @@ class InferenceSpec:
     device: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # spawn settings (None: the agent's defaults)
+    ctx_size: int | None = None
+    slots: int | None = None
+    gpu_layers: int | Literal["auto"] | None = None
 
 
 def validate(spec: InferenceSpec, config: Config) -> None:
@@ -122,7 +135,8 @@ async def _spawn(
         backend = "cuda" if "cuda" in (await client.node_info()).backends else "cpu"
     yield PhaseStarted("spawn", f"Starting a {backend} worker for {spec.model_ref}")
     reply = await client.spawn(SpawnRequest(model_ref=spec.model_ref, backend=backend,
-                                            device=spec.device))
+                                            device=spec.device, ctx_size=spec.ctx_size,
+                                            slots=spec.slots, gpu_layers=spec.gpu_layers))
     worker = reply.worker
     yield PhaseDone("spawn", f"worker {worker.id} (pid {worker.pid})")
     if worker.state != "loading":
@@ -243,6 +257,8 @@ async def _stream(
                         first_token = time.perf_counter()
                     parts.append(str(data["token"]))
                     yield Token(str(data["token"]), int(data.get("index", len(parts) - 1)))
+                elif "queued" in data and not parts:
+                    yield Queued(int(data["queued"]))
                 elif data.get("done"):
                     yield _summary(data, parts, started, first_token, worker, request_id)
                     return

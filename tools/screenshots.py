@@ -1,4 +1,4 @@
-"""Regenerate screenshots/*.svg from a real run (B79): `./dev.sh screenshots`.
+"""Regenerate screenshots/*.svg and *.png from a real run (B79, B176): `./dev.sh screenshots`.
 
 Runs the real dashboard against a real local agent with the bundled model, in an isolated
 config (nothing of yours is touched), drives it with Textual's Pilot and saves one SVG per
@@ -6,14 +6,26 @@ screen: dashboard, chat mid-stream, models, logs, help, node form and install lo
 install log comes from a real install attempt over SSH when `RBEE_SCREENSHOT_SSH` names a
 node (`user@host:port`); otherwise it shows a real failing install against a closed port,
 which is what an operator sees when a node is unreachable.
+
+The app runs with the settings a new user has (default theme, poll interval, timeouts); only
+the local agent's port is chosen free, so a running agent of yours is never touched.
+
+Textual's SVGs ask a CDN for Fira Code; offline a viewer falls back to whatever it has, and
+columns collide. `offline_svg` rewrites each SVG to name monospace fonts that are installed
+almost everywhere (DejaVu Sans Mono, Menlo, Consolas…) with no download, and a PNG is drawn
+beside each SVG with `rsvg-convert` (its text laid out with real spaces, which librsvg
+measures exactly, unlike the no-break spaces Textual writes). `--png FILE.svg…` draws PNGs of
+any Textual SVG, a test snapshot for instance, to look at it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +33,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "screenshots"
 SIZE = (120, 36)
+MONOSPACE = ('"Fira Code", "DejaVu Sans Mono", "Menlo", "Consolas", "Liberation Mono", '
+             '"Noto Sans Mono", monospace')
+
+
+def offline_svg(svg: str) -> str:
+    """The same picture, drawn with locally installed monospace fonts: no CDN, no
+    proportional fallback."""
+    svg = re.sub(r"\s*url\(\"https://[^)]*\)\s*format\(\"[a-z0-9]+\"\)[,;]?", "", svg)
+    svg = svg.replace('src: local("FiraCode-Regular"),', 'src: local("FiraCode-Regular");')
+    svg = svg.replace('src: local("FiraCode-Bold"),', 'src: local("FiraCode-Bold");')
+    return svg.replace("font-family: Fira Code, monospace;", f"font-family: {MONOSPACE};")
+
+
+def svg_to_png(svg_path: Path, png_path: Path) -> None:
+    """Draw a Textual SVG as a PNG with librsvg, which lays text out with the installed
+    DejaVu Sans Mono; no-break spaces become plain preserved spaces so columns line up."""
+    svg = offline_svg(svg_path.read_text())
+    svg = svg.replace('font-family: "Fira Code", ', "font-family: ")
+    svg = svg.replace("&#160;", " ").replace("<svg ", '<svg xml:space="preserve" ', 1)
+    converter = shutil.which("rsvg-convert")
+    if converter is None:
+        raise SystemExit("screenshots: rsvg-convert is needed for PNGs "
+                         "(Debian/Ubuntu: apt install librsvg2-bin)")
+    subprocess.run([converter, "-o", str(png_path)], input=svg.encode(), check=True)
 
 
 async def lab_node(home: Path) -> object:
@@ -85,8 +121,11 @@ async def shoot(home: Path) -> None:
     def save(name: str) -> None:
         for box in app.screen.query(Input):
             box.cursor_blink = False
-        app.save_screenshot(filename=f"{name}.svg", path=str(OUT))
-        print(f"screenshots/{name}.svg", flush=True)
+        svg = OUT / f"{name}.svg"
+        app.save_screenshot(filename=svg.name, path=str(OUT))
+        svg.write_text(offline_svg(svg.read_text()))
+        svg_to_png(svg, svg.with_suffix(".png"))
+        print(f"screenshots/{name}.svg, .png", flush=True)
 
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.snapshot("localhost").status == "up")
@@ -142,11 +181,16 @@ async def shoot(home: Path) -> None:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--png"]:
+        for name in sys.argv[2:]:
+            svg = Path(name)
+            svg_to_png(svg, svg.with_suffix(".png"))
+            print(svg.with_suffix(".png"))
+        return 0
     OUT.mkdir(exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix="rbee-screens-"))
     port = free_port()
-    (home / "config.toml").write_text(f"[settings]\nlocal_agent_port = {port}\n"
-                                      "ssh_connect_timeout_s = 1.0\n")
+    (home / "config.toml").write_text(f"[settings]\nlocal_agent_port = {port}\n")
     os.environ["RBEE_CONFIG"] = str(home / "config.toml")
     try:
         asyncio.run(shoot(home))
