@@ -148,12 +148,11 @@ def _probe_dashboard(app: Any, report: str) -> None:
     from rbee_tui.screens.dashboard import DashboardScreen
 
     class Probe(DashboardScreen):
-        def on_mount(self) -> None:
-            super().on_mount()
+        def on_mount(self) -> None:  # Textual calls DashboardScreen.on_mount as well
             _report(report, event="mounted")
             self.call_after_refresh(lambda: _report(report, event="painted"))
 
-    app.dashboard = Probe()
+    app.dashboard = Probe(app.fleet)
 
 
 def _count_frames() -> dict[str, int]:
@@ -243,6 +242,7 @@ def _memory(params: dict[str, Any], report: str, size: tuple[int, int], headless
     counts = _count_frames()
 
     async def settle() -> None:
+        app.fleet.flush()  # publish what changed now rather than at the frame timer
         await asyncio.sleep(1 / 60)  # a frame's time: the app renders what changed
         for _ in range(10_000):  # then until the dashboard has handled every snapshot
             if not app.dashboard.message_queue_size:
@@ -265,14 +265,14 @@ def _memory(params: dict[str, Any], report: str, size: tuple[int, int], headless
         samples = []
         started = time.perf_counter()
         for n in range(1, calls + 1):
-            app.apply_snapshot(source.snapshot_of(names[n % len(names)]))
+            app.fleet.apply(source.snapshot_of(names[n % len(names)]))
             if n % every == 0 or n in marks:
                 await settle()
             if n in marks:
                 samples.append(sample(n))
         _report(report, event="memory", samples=samples, warm=warm,
                 seconds=time.perf_counter() - started,
-                history=len(app.history[names[0]]),
+                history=len(app.fleet.stats_of(names[0]).ram_used_mb),
                 rows=app.dashboard.query_one("#nodes").row_count)
         app.exit()
 
@@ -350,7 +350,7 @@ def _chat(params: dict[str, Any], report: str, size: tuple[int, int], headless: 
     gc.callbacks.append(gc_watch)
 
     app, _ = make_app()
-    app.source = FastSource(hold_stream=False)
+    app.source = app.fleet.source = FastSource(hold_stream=False)
     expected = "".join(tokens)
 
     async def watch(chat: Any) -> dict[str, float]:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from textual import on
+from textual import events, on
 from textual.app import App
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
@@ -31,7 +31,7 @@ from rbee_tui.fleet import Fleet
 from rbee_tui.links import NodeLinks
 from rbee_tui.messages import OpenChat, OpenScreen, PollNow
 from rbee_tui.node_source import LiveNodeSource, NodeSnapshot, NodeSource
-from rbee_tui.screens.base import notify_error
+from rbee_tui.screens.base import notify_error, redirect_early_key
 from rbee_tui.screens.dashboard import DashboardScreen
 from rbee_tui.screens.modals import CommandScreen, ConfirmScreen, HelpScreen, KeyRow
 from rbee_tui.themes import load_themes, user_dir
@@ -159,6 +159,10 @@ class RbeeApp(App[None]):
 
             self._chats = ChatStore.open_default()
         return self._chats
+
+    async def _on_key(self, event: events.Key) -> None:
+        if redirect_early_key(self, event):  # typed for the form that just opened (B173)
+            event.prevent_default()  # Textual's own key handling is not run for it
 
     # ------------------------------------------------------------------ polling
 

@@ -94,6 +94,8 @@ class ScriptedSource:
         self.requests: list[str] = []
         self.on_connecting: Callable[[str, str], None] | None = None
         self.queued_frames: list[int] = []  # {"queued": n} frames sent before the tokens
+        self.gate: asyncio.Event | None = None  # when set: tokens wait for it to open
+        self.bodies: dict[str, list[dict[str, Any]]] = {}  # JSON bodies sent, by path
 
     def snapshot_of(self, name: str) -> NodeSnapshot:
         if name in self.down:
@@ -132,25 +134,35 @@ class ScriptedSource:
     async def _handle(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         self.requests.append(f"{request.method} {path}")
+        if request.content:
+            self.bodies.setdefault(path, []).append(json.loads(request.content))
         node = request.url.host
         if path == "/v1/health":
             return _json({"status": "ok", "version": __version__, "api_version": "1"})
         if path == "/v1/workers" and request.method == "POST":
             spawned = worker("w3-new", json.loads(request.content)["model_ref"], "loading", 0)
             return _json({"worker": spawned.model_dump(), "reused": False}, 201)
+        if path == "/v1/workers/w3-new/progress":
+            return _sse([{"stage": "loading", "layers_loaded": n, "layers_total": 30}
+                         for n in (10, 20, 30)] + [
+                {"stage": "ready", "layers_loaded": 30, "layers_total": 30}])
+        if path == "/v1/workers/w3-new":
+            return _json(worker("w3-new", "smollm2-135m", "idle", 0).model_dump())
         if path == "/v1/workers":
             snap = self.snapshot_of(node)
             return _json({"workers": [w.model_dump() for w in snap.workers]})
         if path == "/v1/models":
             return _json(ModelsReply(models=MODELS).model_dump())
         if path.endswith("/inference") and request.method == "POST":
-            frames: list[dict[str, Any]] = [{"queued": n} for n in self.queued_frames]
-            frames += [{"token": t, "index": i} for i, t in enumerate(TOKENS)]
+            queued: list[dict[str, Any]] = [{"queued": n} for n in self.queued_frames]
+            frames: list[dict[str, Any]] = [{"token": t, "index": i}
+                                            for i, t in enumerate(TOKENS)]
             if self.hold_stream:
-                return _sse(frames[:STREAM_PAUSE_AFTER + len(self.queued_frames)], hold=True)
+                return _sse(frames[:STREAM_PAUSE_AFTER], hold=True, first=queued,
+                            gate=self.gate)
             done = {"done": True, "total_tokens": len(TOKENS), "duration_ms": 120.0,
                     "finish_reason": "stop", "request_id": "r1"}
-            return _sse([*frames, done])
+            return _sse([*frames, done], first=queued, gate=self.gate)
         if "/inference/" in path and request.method == "DELETE":
             return httpx.Response(204)
         if path == "/v1/models/download" and request.method == "POST":
@@ -159,7 +171,8 @@ class ScriptedSource:
                 return _json({"job_id": "j2", "model_ref": ref, "reference": ref,
                               "stage": "complete", "files": [], "bytes_total": 0,
                               "bytes_downloaded": 0, "model_id": "mine",
-                              "local_path": ref.removeprefix("file://")}, 200)
+                              "local_path": ref.removeprefix("file://"),
+                              "progress_url": "/v1/models/download/j2/progress"}, 200)
             if "missing" in ref:
                 return _json({"error": {"code": "MODEL_NOT_FOUND", "message": (
                     f"{ref} was not found on the hub: the repository does not exist or has "
@@ -198,11 +211,21 @@ def _json(body: Any, status: int = 200) -> httpx.Response:
 
 
 class _Frames(httpx.AsyncByteStream):
-    def __init__(self, frames: list[dict[str, Any]], hold: bool) -> None:
+    """`first` frames, then (once `gate` is open, if there is one) the others."""
+
+    def __init__(self, frames: list[dict[str, Any]], hold: bool,
+                 first: list[dict[str, Any]] | None = None,
+                 gate: asyncio.Event | None = None) -> None:
         self.frames = frames
         self.hold = hold
+        self.first = first or []
+        self.gate = gate
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        for frame in self.first:
+            yield f"data: {json.dumps(frame)}\n\n".encode()
+        if self.gate is not None:
+            await self.gate.wait()
         for frame in self.frames:
             yield f"data: {json.dumps(frame)}\n\n".encode()
         if self.hold:
@@ -210,9 +233,11 @@ class _Frames(httpx.AsyncByteStream):
         yield b"data: [DONE]\n\n"
 
 
-def _sse(frames: list[dict[str, Any]], hold: bool = False) -> httpx.Response:
+def _sse(frames: list[dict[str, Any]], hold: bool = False,
+         first: list[dict[str, Any]] | None = None,
+         gate: asyncio.Event | None = None) -> httpx.Response:
     return httpx.Response(200, headers={"content-type": "text/event-stream"},
-                          stream=_Frames(frames, hold))
+                          stream=_Frames(frames, hold, first, gate))
 
 
 def make_app(hold_stream: bool = True) -> tuple[RbeeApp, ScriptedSource]:

@@ -17,7 +17,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import ModalScreen, Screen
 from textual.widget import Widget
-from textual.widgets import Input, Label
+from textual.widgets import Button, Input, Label
 from textual.worker import Worker, WorkerState
 
 from rbee_agent.protocol import RbeeError
@@ -81,6 +81,9 @@ class RbeeScreen(Screen[R]):
     def _worker_failed(self, event: Worker.StateChanged) -> None:
         _report(self, event)
 
+    def on_key(self, event: events.Key) -> None:
+        mark_origin(event, self)
+
     # ------------------------------------------------------------------ filters (B168)
 
     def filter_table(self) -> KeyedTable | None:
@@ -139,35 +142,72 @@ class RbeeScreen(Screen[R]):
         return True
 
 
+# Keys typed fast after a key that opens a form or the chat (`a`, `c`) are all queued to the
+# old screen's focused widget before the first one has been handled; they bubble up to the
+# app only after the new screen is on top, and would be lost. Each screen marks the keys that
+# pass through it; the app hands a marked key that arrives from a screen no longer on top to
+# the screen on top, if that screen takes typing (B173).
+ORIGIN = "rbee_origin"
+
+
+def mark_origin(event: events.Key, screen: Screen[Any]) -> None:
+    setattr(event, ORIGIN, screen)
+
+
+def redirect_early_key(app: App[Any], event: events.Key) -> bool:
+    """True when `event` was typed for the screen now on top and has been given to it."""
+    origin = getattr(event, ORIGIN, None)
+    top = app.screen
+    if origin is None or origin is top or not event.is_printable or event.character is None:
+        return False
+    take = getattr(top, "accept_early_key", None)
+    return take is not None and bool(take(event.character))
+
+
 class RbeeModal(ModalScreen[R]):
-    """A dialog. Printable keys that reach the screen itself (typed before its first field
-    had focus, right after it opened) go into the focused field, or the first one (B173)."""
+    """A dialog. Printable keys typed before its first field had focus, right after it
+    opened, go into the focused field, or the first one (B173)."""
 
     HORIZONTAL_BREAKPOINTS = HORIZONTAL_BREAKPOINTS
     VERTICAL_BREAKPOINTS = VERTICAL_BREAKPOINTS
+
+    _early: str = ""
 
     @on(Worker.StateChanged)
     def _worker_failed(self, event: Worker.StateChanged) -> None:
         _report(self, event)
 
-    def on_key(self, event: events.Key) -> None:
-        if not event.is_printable or event.character is None:
-            return
-        # A focused Input takes its own keys; one that reaches the screen was typed before
-        # the field had focus. Keys typed on a focused button stay with the button.
+    def accept_early_key(self, character: str) -> bool:
+        """Type `character` into the form; kept until the fields exist."""
+        if not self.is_mounted:
+            self._early += character
+            return True
+        # A focused Input takes its own keys; one that reaches here was typed before the
+        # field had focus. Keys typed on a focused button stay with the button.
         if isinstance(self.focused, Input):
             target: Input | None = self.focused
-        elif self.focused is None:
+        elif isinstance(self.focused, Button):
+            return False
+        else:  # nothing focused yet, or only the dialog's scroll container
             inputs = [i for i in self.query(Input) if i.display and not i.disabled]
             target = inputs[0] if inputs else None
-        else:
-            return
         if target is None:
-            return
-        event.stop()
-        event.prevent_default()
+            return False
         target.focus()
-        target.insert_text_at_cursor(event.character)
+        target.insert_text_at_cursor(character)
+        return True
+
+    @on(events.Mount)
+    def _type_early_keys(self) -> None:
+        early, self._early = self._early, ""
+        for character in early:
+            self.accept_early_key(character)
+
+    def on_key(self, event: events.Key) -> None:
+        if event.is_printable and event.character is not None and self.accept_early_key(
+                event.character):
+            event.stop()
+            event.prevent_default()
 
 
 def form_row(label: str, box: Input) -> Horizontal:

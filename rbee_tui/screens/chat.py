@@ -88,6 +88,16 @@ class ChatScreen(RbeeScreen[None]):
         return self.store.latest(self.node, self.model) or Conversation(0, self.node,
                                                                          self.model)
 
+    def accept_early_key(self, character: str) -> bool:
+        """Keys typed right after `c` belong in the message (B173)."""
+        if not self.is_mounted:
+            self._early += character
+        else:
+            self.query_one(ChatInput).insert(character)
+        return True
+
+    _early = ""
+
     @property
     def history(self) -> list[ChatMessage]:
         return self.conversation.messages
@@ -116,7 +126,11 @@ class ChatScreen(RbeeScreen[None]):
     async def on_mount(self) -> None:
         self.query_one("#chat-progress").display = False
         self.query_one("#conversation", VerticalScroll).anchor()
-        self.query_one("#chat-input", ChatInput).focus()
+        box = self.query_one("#chat-input", ChatInput)
+        box.focus()
+        if self._early:
+            box.insert(self._early)
+            self._early = ""
         await self._show_conversation()
         self.load_models()
 

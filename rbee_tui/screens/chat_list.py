@@ -6,9 +6,10 @@ import re
 import time
 from pathlib import Path
 
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import Footer, Input
+from textual.widgets import DataTable, Footer, Input
 
 from rbee_tui.chat_store import ChatStore, Conversation
 from rbee_tui.messages import OpenChat
@@ -20,6 +21,7 @@ from rbee_tui.widgets.top_bar import TopBar
 
 class ChatsTable(KeyedTable):
     COLUMNS = ("TITLE", "NODE", "MODEL", "MESSAGES", "LAST USED")
+    FILTERED = ("TITLE", "NODE", "MODEL")
 
 
 def export_path(conversation: Conversation) -> Path:
@@ -82,6 +84,10 @@ class ChatListScreen(RbeeScreen[None]):
     def action_back(self) -> None:
         if not self.clear_filter():
             self.app.pop_screen()
+
+    @on(DataTable.RowSelected)
+    def _row_chosen(self) -> None:
+        self.action_open()
 
     def action_open(self) -> None:
         chosen = self.selected()

@@ -16,7 +16,7 @@ from textual.widgets import DataTable, Footer, Input, Static
 
 from rbee_agent.protocol import WorkerInfo
 from rbee_tui.fleet import Fleet, FleetUpdate
-from rbee_tui.messages import PollNow
+from rbee_tui.messages import OpenChat, PollNow
 from rbee_tui.node_source import NodeSnapshot
 from rbee_tui.node_stats import NodeStats
 from rbee_tui.screens.base import ESSENTIAL, RbeeScreen
@@ -48,7 +48,7 @@ class DashboardScreen(RbeeScreen[None]):
         Binding("q", "app.quit", "Quit", id="app.quit",
                 tooltip="Leave rbee (agents keep running)"),
         Binding("c,enter", "app.chat", "Chat", id="dashboard.chat",
-                tooltip="Chat with a model on the selected node"),
+                tooltip="Chat on the selected node (Enter on a worker: with its model)"),
         Binding("slash", "filter", "Filter", id="dashboard.filter",
                 tooltip="Filter the focused table (nodes or workers); esc clears it"),
         Binding("a", "app.add_node", "Add node", id="dashboard.add",
@@ -150,6 +150,16 @@ class DashboardScreen(RbeeScreen[None]):
     def _status(self) -> None:
         names = self.fleet.names()
         self.top_bar().status = f"{self.fleet.up_count()}/{len(names)} nodes up"
+
+    @on(DataTable.RowSelected, "#nodes")
+    def _node_chosen(self) -> None:
+        self.app.post_message(OpenChat(self.selected_node() or "localhost"))
+
+    @on(DataTable.RowSelected, "#workers")
+    def _worker_chosen(self) -> None:
+        node, worker = self.selected_node(), self.selected_worker()
+        if node and worker:
+            self.app.post_message(OpenChat(node, worker.model_id))
 
     @on(DataTable.RowHighlighted, "#nodes")
     def _node_highlighted(self, _: DataTable.RowHighlighted) -> None:

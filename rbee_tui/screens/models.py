@@ -3,10 +3,10 @@ chat with one."""
 
 from __future__ import annotations
 
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import Footer, Input
+from textual.widgets import DataTable, Footer, Input
 
 from rbee_tui.fleet import Fleet
 from rbee_tui.messages import OpenChat
@@ -18,6 +18,7 @@ from rbee_tui.widgets.top_bar import TopBar
 
 class ModelsTable(KeyedTable):
     COLUMNS = ("ID", "PROVIDER", "SIZE MB", "QUANT", "ARCH", "LAYERS", "CONTEXT")
+    FILTERED = ("ID", "PROVIDER", "QUANT", "ARCH")
 
 
 class ModelsScreen(RbeeScreen[None]):
@@ -76,6 +77,10 @@ class ModelsScreen(RbeeScreen[None]):
     def action_cursor(self, direction: str) -> None:
         table = self.query_one(ModelsTable)
         (table.action_cursor_down if direction == "down" else table.action_cursor_up)()
+
+    @on(DataTable.RowSelected)
+    def _row_chosen(self) -> None:
+        self.action_chat()
 
     def action_chat(self) -> None:
         model = self.query_one(ModelsTable).selected_key()

@@ -76,6 +76,7 @@ class KeyedTable(DataTable[Cell]):
     """A DataTable that syncs to a list of (key, cells) rows, with an optional filter."""
 
     COLUMNS: tuple[str, ...] = ()
+    FILTERED: tuple[str, ...] = ()  # the columns `/` looks in (all when empty): words, not gauges
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -93,7 +94,11 @@ class KeyedTable(DataTable[Cell]):
 
     def matches(self, row: Row) -> bool:
         wanted = self.filter_text.lower()
-        return not wanted or any(wanted in _text(c).lower() for c in (row[0], *row[1]))
+        if not wanted:
+            return True
+        cells = [c for name, c in zip(self.COLUMNS, row[1], strict=False)
+                 if not self.FILTERED or name in self.FILTERED]
+        return any(wanted in _text(c).lower() for c in (row[0], *cells))
 
     def set_filter(self, text: str) -> None:
         if text != self.filter_text:
@@ -111,6 +116,10 @@ class KeyedTable(DataTable[Cell]):
             if key in self.rows:
                 self.update_row(key, cells)
             else:
+                self.add_row(*cells, key=key)
+        if [k.value for k in self.rows] != keys:  # rows came back: keep the given order
+            self.clear()
+            for key, cells in shown:
                 self.add_row(*cells, key=key)
         if selected in keys:
             self.move_cursor(row=self.get_row_index(selected))
@@ -153,6 +162,7 @@ class KeyedTable(DataTable[Cell]):
 class NodesTable(KeyedTable):
     COLUMNS = ("NODE", "STATUS", "AGENT", "CPU", "RAM GB", "VRAM GB", "GPUS", "WORKERS",
                "TOK/S", "NOTE")
+    FILTERED = ("NODE", "STATUS", "AGENT", "NOTE")
 
     def on_mount(self) -> None:
         self.zebra_stripes = True
@@ -203,6 +213,7 @@ def device_of(worker: WorkerInfo) -> str:
 class WorkersTable(KeyedTable):
     COLUMNS = ("ID", "MODEL", "STATE", "TOK/S", "SLOTS FREE", "QUEUE", "DEVICE", "VRAM MB",
                "RSS MB", "GPU LAYERS", "TOKENS", "IDLE")
+    FILTERED = ("ID", "MODEL", "STATE", "DEVICE")
 
     def show(self, workers: Sequence[WorkerInfo], rates: Mapping[str, float],
              now: float) -> None:
