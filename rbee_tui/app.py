@@ -14,13 +14,11 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import AsyncIterator, Callable
-from functools import partial
 from typing import TYPE_CHECKING
 
 from textual import events, on
 from textual.app import App
 from textual.binding import Binding
-from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.screen import ModalScreen
 from textual.worker import Worker, WorkerState
 
@@ -37,54 +35,22 @@ from rbee_tui.screens.modals import CommandScreen, ConfirmScreen, HelpScreen, Ke
 from rbee_tui.themes import load_themes, user_dir
 
 if TYPE_CHECKING:
+    from textual.command import Provider
+
     from rbee_tui.chat_store import ChatStore
 
 
-class RbeeCommands(Provider):
-    """Command palette (B76): nodes, models and actions."""
+def _palette() -> type[Provider]:
+    """The palette's provider, imported when the palette first opens (B175)."""
+    from rbee_tui.palette import RbeeCommands
 
-    def _entries(self) -> list[tuple[str, str, Callable[[], object]]]:
-        app = self.app
-        assert isinstance(app, RbeeApp)
-        entries: list[tuple[str, str, Callable[[], object]]] = []
-        for name in app.config.names():
-            entries.append((f"Node: {name}", "select it on the dashboard",
-                            partial(app.select_node, name)))
-            entries.append((f"Chat on {name}", "open the chat pane",
-                            partial(app.open_chat, name)))
-            entries.append((f"Models on {name}", "the node's catalog",
-                            partial(app.open_models, name)))
-            entries.append((f"Logs on {name}", "the node's agent and worker logs",
-                            partial(app.open_logs, name)))
-        for label, help_text, action in (
-            ("Add node", "add a node over SSH", app.action_add_node),
-            ("Saved chats", "reopen, rename, delete or export a conversation",
-             app.action_chats),
-            ("Help", "all keys", app.action_help),
-        ):
-            entries.append((label, help_text, action))
-        for name, snapshot in app.fleet.snapshots.items():
-            for worker in snapshot.workers:
-                entries.append((f"Chat with {worker.model_id} on {name}", "model",
-                                partial(app.open_chat, name, worker.model_id)))
-        return entries
-
-    async def discover(self) -> Hits:
-        for label, help_text, action in self._entries():
-            yield DiscoveryHit(label, action, help=help_text)
-
-    async def search(self, query: str) -> Hits:
-        matcher = self.matcher(query)
-        for label, help_text, action in self._entries():
-            score = matcher.match(label)
-            if score > 0:
-                yield Hit(score, matcher.highlight(label), action, help=help_text)
+    return RbeeCommands
 
 
 class RbeeApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "rbee"
-    COMMANDS = App.COMMANDS | {RbeeCommands}
+    COMMANDS = App.COMMANDS | {_palette}
     BINDINGS = [
         Binding("q", "quit", "Quit", id="app.quit", tooltip="Leave rbee (agents keep running)"),
         Binding("question_mark", "help", "Help", id="app.help", tooltip="Show every key"),
@@ -126,13 +92,15 @@ class RbeeApp(App[None]):
                         title="Theme", severity="warning")
             self.theme = "rbee"
         self.push_screen(self.dashboard)
-        self.call_after_refresh(self._freeze_startup_objects)
+        # Two frames in, not one: a collection right after the first frame held the footer
+        # (composed once the bindings are known) back by 100-150 ms.
+        self.call_after_refresh(self.call_after_refresh, self._freeze_startup_objects)
         if self.poll_enabled:
             for name in self.config.names():
                 self.start_polling(name)
 
     def _freeze_startup_objects(self) -> None:
-        """After the first frame, take what start-up built out of the cyclic GC's scans.
+        """After start-up, take what it built out of the cyclic GC's scans.
 
         Imports, CSS and the first screen leave ~100k long-lived objects that every full
         collection walks again: 40-120 ms stalls of the event loop, several per streamed chat

@@ -134,7 +134,7 @@ async def test_b76_help_lists_the_screens_keys() -> None:
 
 
 async def test_b76_palette_finds_nodes_and_actions() -> None:
-    from rbee_tui.app import RbeeCommands
+    from rbee_tui.palette import RbeeCommands
 
     app, _ = make_app()
     async with app.run_test(size=SIZE):
