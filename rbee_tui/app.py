@@ -193,8 +193,10 @@ class RbeeApp(App[None]):
         self.dashboard.query_one(NodesTable).select_key(name)
 
     def help_sections(self) -> list[tuple[str, list[KeyRow]]]:
-        """The screen's own keys first (lazygit's per-panel hints), then the global ones."""
+        """The screen's own keys first (lazygit's per-panel hints), then the global ones
+        that the screen does not take for itself."""
         seen: set[str] = set()
+        taken: set[str] = set()
 
         def rows(bindings: list[object]) -> list[KeyRow]:
             out: list[KeyRow] = []
@@ -202,14 +204,17 @@ class RbeeApp(App[None]):
                 if not isinstance(binding, Binding) or not binding.id or binding.id in seen:
                     continue
                 seen.add(binding.id)
-                keys = ", ".join(self.get_key_display(Binding(k.strip(), ""))
-                                 for k in binding.key.split(","))
-                out.append((keys, binding.description, binding.tooltip))
+                keys = [k.strip() for k in binding.key.split(",") if k.strip() not in taken]
+                if not keys:
+                    continue
+                taken.update(keys)
+                shown = ", ".join(self.get_key_display(Binding(k, "")) for k in keys)
+                out.append((shown, binding.description, binding.tooltip))
             return out
 
         screen = self.screen
         title = getattr(screen, "HELP_TITLE", type(screen).__name__.replace("Screen", ""))
-        focused = [b for b in getattr(screen.focused, "HELP_BINDINGS", [])]
+        focused = list(getattr(screen.focused, "HELP_BINDINGS", []))
         here = rows([*focused, *screen.BINDINGS])
         return [(f"On this screen: {title}", here), ("Everywhere", rows(list(self.BINDINGS)))]
 

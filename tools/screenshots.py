@@ -2,7 +2,8 @@
 
 Runs the real dashboard against a real local agent with the bundled model, in an isolated
 config (nothing of yours is touched), drives it with Textual's Pilot and saves one SVG per
-screen: dashboard, chat mid-stream, models, logs, help, node form and install log. The
+screen: dashboard, chat mid-stream, saved chats, models, logs, help, node form and install
+log. The
 install log comes from a real install attempt over SSH when `RBEE_SCREENSHOT_SSH` names a
 node (`user@host:port`); otherwise it shows a real failing install against a closed port,
 which is what an operator sees when a node is unreachable.
@@ -96,21 +97,24 @@ def free_port() -> int:
 
 
 async def wait_for(pilot: object, check: object, limit_s: float = 60.0) -> None:
-    for _ in range(int(limit_s / 0.1)):
+    """Let the app run until `check()` holds (each round: the app idle, then a short poll)."""
+    for _ in range(int(limit_s / 0.05)):
         if check():  # type: ignore[operator]
             return
-        await pilot.pause(0.1)  # type: ignore[attr-defined]
+        await pilot.pause(0.05)  # type: ignore[attr-defined]
     raise SystemExit(f"screenshots: timed out waiting for {check}")
 
 
 async def shoot(home: Path) -> None:
-    from textual.widgets import Input, Label, Log
+    from textual.widgets import Input, Label
 
     from rbee_tui.app import RbeeApp
     from rbee_tui.config import load_config, save_config
     from rbee_tui.links import NodeLinks
     from rbee_tui.node_source import LiveNodeSource
-    from rbee_tui.widgets.tables import WorkersTable
+    from rbee_tui.screens.install import InstallScreen
+    from rbee_tui.widgets.log_view import LogView
+    from rbee_tui.widgets.tables import KeyedTable, WorkersTable
 
     config = load_config()
     config.nodes["gpu-lab"] = await lab_node(home)  # type: ignore[assignment]
@@ -127,25 +131,27 @@ async def shoot(home: Path) -> None:
         svg_to_png(svg, svg.with_suffix(".png"))
         print(f"screenshots/{name}.svg, .png", flush=True)
 
+    async def settled() -> None:
+        await app.workers.wait_for_complete([w for w in app.workers
+                                             if not w.group.startswith(("poll-", "logs"))])
+        await pilot.pause()
+
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.snapshot("localhost").status == "up")
-        await pilot.press("a")
-        await pilot.pause(0.3)
-        await pilot.press(*"gpu2", "tab", *"10.0.0.22", "tab", "tab", *"ops")
-        await pilot.pause(0.3)
+        await pilot.press("a", *"gpu2", "tab", *"10.0.0.22", "tab", "tab", *"ops")
+        await settled()
         save("node-form")
         await pilot.press("escape", "G", "i")
-
-        def install_done() -> bool:
-            text = "\n".join(app.screen.query_one(Log).lines)
-            return "✗" in text or "✓ Agent" in text or "healthy" in text
-
-        await wait_for(pilot, install_done, limit_s=600)
-        await pilot.pause(0.5)
+        install = app.screen
+        assert isinstance(install, InstallScreen)
+        # A real install: pip may build llama-cpp-python on the node (minutes).
+        await wait_for(pilot, lambda: install.query_one("#install-status").display,
+                       limit_s=1800)
+        await settled()
         save("install-log")
         await pilot.press("escape", "g", "c")
         chat = app.screen
-        await pilot.pause(0.5)
+        await settled()
         await pilot.press(*"Write a short poem about honey bees.", "enter")
 
         def streaming() -> bool:
@@ -159,19 +165,25 @@ async def shoot(home: Path) -> None:
         app.poll_now("localhost")
         app.poll_now("gpu-lab")
         await wait_for(pilot, lambda: app.dashboard.query_one(WorkersTable).row_count > 0)
-        await pilot.pause(4.5)  # two more polls: the sparkline has a few points
+        # A few polls, so the history graphs and the token rate have points.
+        await wait_for(pilot, lambda: len(app.fleet.stats_of("localhost").ram_used_mb) >= 4)
+        await settled()
         save("dashboard")
         await pilot.press("question_mark")
-        await pilot.pause(0.3)
+        await settled()
         save("help")
         await pilot.press("escape", "m")
-        await pilot.pause(1.0)
+        await settled()
+        await wait_for(pilot, lambda: app.screen.query_one(KeyedTable).row_count > 0)
         save("models")
         await pilot.press("escape", "l")
-        await wait_for(pilot, lambda: app.screen.query_one(Log).line_count > 3)
-        await pilot.pause(0.5)
+        await wait_for(pilot, lambda: len(app.screen.query_one(LogView).lines()) > 3)
+        await settled()
         save("logs")
-        await pilot.press("escape")
+        await pilot.press("escape", "c", "ctrl+o")
+        await settled()
+        save("chats")
+        await pilot.press("escape", "escape")
         from rbee_tui import ssh
 
         node = app.config.nodes.get("gpu-lab")

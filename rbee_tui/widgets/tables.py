@@ -110,13 +110,20 @@ class KeyedTable(DataTable[Cell]):
         shown = [row for row in self._rows if self.matches(row)]
         keys = [key for key, _ in shown]
         selected = self.selected_key()
-        for stale in [k for k in self.rows if k.value not in keys]:
-            self.remove_row(stale)
+        before = len(self.rows)
+        stale = [k for k in self.rows if k.value not in keys]
+        for row in stale:
+            self.remove_row(row)
         for key, cells in shown:
             if key in self.rows:
                 self.update_row(key, cells)
             else:
                 self.add_row(*cells, key=key)
+        if stale or len(self.rows) != before:
+            # Rows came or went, so column widths may change once Textual measures them;
+            # a header rendered before that stays cached at its old width (drawn the same,
+            # but split differently), so the renders are dropped after the next refresh.
+            self.call_after_refresh(self._clear_caches)
         if [k.value for k in self.rows] != keys:  # rows came back: keep the given order
             self.clear()
             for key, cells in shown:
