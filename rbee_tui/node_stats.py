@@ -3,9 +3,13 @@
 Plain Python beside `NodeSnapshot`: fed one snapshot per poll, read by the widgets that draw
 graphs and rates. It never imports Textual, so it is tested on its own and can serve the CLI.
 
-Rates are per worker, from the change of its `tokens_served` between two polls, and a node's
-rate is the sum of its workers' (a worker that went away takes its count with it instead of
-making the node's total jump backwards).
+Rates are per worker and a node's rate is the sum of its workers' (a worker that went away
+takes its count with it instead of making the node's total jump backwards). A worker's rate
+is the tokens it served since its count last moved, over the time it has been producing
+them: since that last change, or since the last poll that found it idle, whichever is later.
+With an agent that counts tokens as they stream that is the change over one poll; with one
+that counts a request's tokens when it ends, the rate is the reply's average (300
+tokens after about 20 busy seconds read 14 tokens/s, not 150 for one poll).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ class NodeStats:
         self.ram_total_mb = 0.0
         self.gpus: dict[int, GpuHistory] = {}
         self.worker_rates: dict[str, float] = {}
-        self._tokens: dict[str, tuple[float, int]] = {}
+        self._tokens: dict[str, tuple[float, int]] = {}  # worker → (counting since, count)
 
     @property
     def rate(self) -> float:
@@ -86,11 +90,19 @@ class NodeStats:
         tokens: dict[str, tuple[float, int]] = {}
         for worker in snapshot.workers:
             before = self._tokens.get(worker.id)
-            if before is not None and now > before[0]:
-                served = worker.tokens_served - before[1]
-                rates[worker.id] = max(0.0, served / (now - before[0]))
-            elif before is not None:
-                rates[worker.id] = self.worker_rates.get(worker.id, 0.0)
-            tokens[worker.id] = (now, worker.tokens_served)
+            busy = worker.state == "busy" or worker.active_requests > 0
+            since, counted = before if before is not None else (now, worker.tokens_served)
+            served = worker.tokens_served - counted
+            if before is None:
+                pass  # a worker's first poll: no rate yet
+            elif served > 0 and now > since:
+                rates[worker.id] = served / (now - since)
+                since, counted = now, worker.tokens_served
+            elif served < 0 or not busy:  # restarted, or idle: nothing left uncounted
+                rates[worker.id] = 0.0
+                since, counted = now, worker.tokens_served
+            else:  # busy, count unchanged: stalled, or an agent that counts at the end
+                rates[worker.id] = 0.0
+            tokens[worker.id] = (since, counted)
         self.worker_rates = rates
         self._tokens = tokens

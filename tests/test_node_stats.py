@@ -22,6 +22,23 @@ def test_b161_rates_are_per_worker_and_sum_to_the_node() -> None:
     assert stats.rate == 25.0
 
 
+def test_b161_a_count_that_moves_only_when_a_reply_ends_gives_its_real_rate() -> None:
+    """An agent that adds a request's tokens when it ends: 300 tokens after 20 busy seconds
+    is 15 tokens/s, not a one-poll spike of 150."""
+    stats = NodeStats()
+    idle = worker("a", "m", "idle", 1000)
+    busy = worker("a", "m", "busy", 1000, busy=True)
+    stats.add(NodeSnapshot(name="n", status="up", info=node_info("n", 0), workers=(idle,),
+                           polled_at=NOW))
+    for t in range(2, 22, 2):  # the request runs from NOW+1 to NOW+21
+        stats.add(NodeSnapshot(name="n", status="up", info=node_info("n", 0),
+                               workers=(busy,), polled_at=NOW + t))
+    done = idle.model_copy(update={"tokens_served": 1300})
+    stats.add(NodeSnapshot(name="n", status="up", info=node_info("n", 0), workers=(done,),
+                           polled_at=NOW + 22))
+    assert stats.worker_rates == {"a": 300 / 22}
+
+
 def test_b161_a_worker_that_goes_away_does_not_make_the_rate_jump() -> None:
     stats = NodeStats()
     stats.add(snap(NOW, ("a", 1000), ("b", 5000)))
