@@ -27,7 +27,7 @@ from rbee_tui.config import Config, Node, save_config
 from rbee_tui.events import Event
 from rbee_tui.fleet import Fleet
 from rbee_tui.links import NodeLinks
-from rbee_tui.messages import OpenChat, OpenScreen, PollNow
+from rbee_tui.messages import OpenChat, PollNow
 from rbee_tui.node_source import LiveNodeSource, NodeSnapshot, NodeSource
 from rbee_tui.screens.base import notify_error, redirect_early_key
 from rbee_tui.screens.dashboard import DashboardScreen
@@ -294,13 +294,6 @@ class RbeeApp(App[None]):
         from rbee_tui.screens.chat_list import ChatListScreen
 
         self.push_screen(ChatListScreen(self.chats))
-
-    @on(OpenScreen)
-    def _screen_requested(self, message: OpenScreen) -> None:
-        if message.screen == "models":
-            self.open_models(message.node)
-        elif message.screen == "logs":
-            self.open_logs(message.node)
 
     def action_models(self) -> None:
         self.open_models(self.selected_node())

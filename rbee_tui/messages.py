@@ -26,12 +26,3 @@ class OpenChat(Message):
         self.node = node
         self.model = model
         self.conversation_id = conversation_id
-
-
-class OpenScreen(Message):
-    """Open one of the node screens (`models`, `logs`) on a node."""
-
-    def __init__(self, screen: str, node: str) -> None:
-        super().__init__()
-        self.screen = screen
-        self.node = node
