@@ -11,7 +11,7 @@ import pytest
 from tests.support import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
-import screenshots  # noqa: E402
+import screenshots
 
 SNAPSHOT = REPO / "tests" / "__snapshots__" / "test_tui_snapshots"
 

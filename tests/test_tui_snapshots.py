@@ -17,7 +17,7 @@ import pytest
 from textual.pilot import Pilot
 
 from rbee_tui.screens import chat
-from tests.tui_support import fill, make_app, wait_for_workers
+from tests.tui_support import fill, frames, make_app, wait_for_workers
 
 SIZE = (120, 36)
 SMALL = (80, 24)
@@ -31,11 +31,12 @@ def settle(*keys: str, groups: tuple[str, ...] = ()) -> Before:
         app = pilot.app
         await fill(app, app.source)  # type: ignore[attr-defined]
         await pilot.pause()
+        await frames(app.dashboard)  # type: ignore[attr-defined]
         if keys:
             await pilot.press(*keys)
         if groups:  # a log or a held stream never completes: wait only for these
             await wait_for_workers(pilot, *groups)
-        await pilot.pause()
+        await frames(app.screen)
 
     return run_before
 

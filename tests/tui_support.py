@@ -307,7 +307,8 @@ async def wait_for_workers(pilot: Any, *groups: str) -> None:
     app = pilot.app
     await pilot.pause()
     workers = [w for w in app.workers if not groups or w.group in groups]
-    await app.workers.wait_for_complete(workers)
+    if workers:  # an empty list would mean every worker
+        await app.workers.wait_for_complete(workers)
     await pilot.pause()
 
 
@@ -318,3 +319,14 @@ async def until(pilot: Any, check: Callable[[], object], limit_s: float = 10.0) 
         while not check():
             await pilot.pause()
             await asyncio.sleep(0.02)  # polling a condition, not waiting for time to pass
+
+
+async def frames(widget: Any, count: int = 2) -> None:
+    """Wait until `widget` has been refreshed `count` times: what it shows is then settled
+    (a table measures its columns, and drops renders made before, on the frames after new
+    rows), whatever the machine's load."""
+    for _ in range(count):
+        drawn = asyncio.Event()
+        widget.call_after_refresh(drawn.set)
+        widget.refresh()
+        await drawn.wait()

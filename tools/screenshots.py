@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,14 +99,29 @@ def free_port() -> int:
 
 async def wait_for(pilot: object, check: object, limit_s: float = 60.0) -> None:
     """Let the app run until `check()` holds (each round: the app idle, then a short poll)."""
-    for _ in range(int(limit_s / 0.05)):
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
         if check():  # type: ignore[operator]
             return
         await pilot.pause(0.05)  # type: ignore[attr-defined]
     raise SystemExit(f"screenshots: timed out waiting for {check}")
 
 
+def dump_tasks_on_usr1() -> None:
+    """`kill -USR1 PID` prints every asyncio task's stack: what a stuck run waits for."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+
+    def dump() -> None:
+        for task in asyncio.all_tasks(loop):
+            task.print_stack(file=sys.stderr)
+
+    loop.add_signal_handler(signal.SIGUSR1, dump)
+
+
 async def shoot(home: Path) -> None:
+    dump_tasks_on_usr1()
     from textual.widgets import Input, Label
 
     from rbee_tui.app import RbeeApp
@@ -131,9 +147,12 @@ async def shoot(home: Path) -> None:
         svg_to_png(svg, svg.with_suffix(".png"))
         print(f"screenshots/{name}.svg, .png", flush=True)
 
-    async def settled() -> None:
-        await app.workers.wait_for_complete([w for w in app.workers
-                                             if not w.group.startswith(("poll-", "logs"))])
+    async def settled(*groups: str) -> None:
+        """The screen's loading workers done (by group), then the screen redrawn."""
+        await pilot.pause()
+        waiting = [w for w in app.workers if w.group in groups]
+        if waiting:  # (an empty list would mean every worker, the log followers too)
+            await app.workers.wait_for_complete(waiting)
         await pilot.pause()
 
     async with app.run_test(size=SIZE) as pilot:
@@ -147,11 +166,11 @@ async def shoot(home: Path) -> None:
         # A real install: pip may build llama-cpp-python on the node (minutes).
         await wait_for(pilot, lambda: install.query_one("#install-status").display,
                        limit_s=1800)
-        await settled()
+        await settled("install")
         save("install-log")
         await pilot.press("escape", "g", "c")
         chat = app.screen
-        await settled()
+        await settled("chat-models")
         await pilot.press(*"Write a short poem about honey bees.", "enter")
 
         def streaming() -> bool:
@@ -173,14 +192,16 @@ async def shoot(home: Path) -> None:
         await settled()
         save("help")
         await pilot.press("escape", "m")
-        await settled()
+        await settled("models")
         await wait_for(pilot, lambda: app.screen.query_one(KeyedTable).row_count > 0)
         save("models")
         await pilot.press("escape", "l")
-        await wait_for(pilot, lambda: len(app.screen.query_one(LogView).lines()) > 3)
+        await wait_for(pilot, lambda: len(app.screen.query_one(LogView).lines()) >= 2)
         await settled()
         save("logs")
-        await pilot.press("escape", "c", "ctrl+o")
+        await pilot.press("escape", "c")
+        await settled("chat-models")
+        await pilot.press("ctrl+o")
         await settled()
         save("chats")
         await pilot.press("escape", "escape")

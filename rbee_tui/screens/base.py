@@ -26,7 +26,7 @@ from rbee_tui.widgets.top_bar import TopBar
 
 R = TypeVar("R")
 
-# Shown first in every full screen's footer, so they stay visible at 80 columns (B169).
+# Shown first in every full screen's footer, so they stay visible at 80 columns (B164).
 ESSENTIAL = [
     Binding("question_mark", "app.help", "Help", id="app.help", tooltip="Show every key"),
     Binding("colon", "app.command", "Command", id="app.command",
