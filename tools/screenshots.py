@@ -97,14 +97,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_for(pilot: object, check: object, limit_s: float = 60.0) -> None:
+async def wait_for(pilot: object, check: object, limit_s: float = 60.0,
+                   required: bool = True) -> None:
     """Let the app run until `check()` holds (each round: the app idle, then a short poll)."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         if check():  # type: ignore[operator]
             return
         await pilot.pause(0.05)  # type: ignore[attr-defined]
-    raise SystemExit(f"screenshots: timed out waiting for {check}")
+    if required:
+        raise SystemExit(f"screenshots: timed out waiting for {check}")
 
 
 def dump_tasks_on_usr1() -> None:
@@ -148,7 +150,9 @@ async def shoot(home: Path) -> None:
         print(f"screenshots/{name}.svg, .png", flush=True)
 
     async def settled(*groups: str) -> None:
-        """The screen's loading workers done (by group), then the screen redrawn."""
+        """The screen's loading workers done (by group), the latest polls drawn (not at the
+        next frame of the dashboard, up to 0.5 s later), then the screen redrawn."""
+        app.fleet.flush()
         await pilot.pause()
         waiting = [w for w in app.workers if w.group in groups]
         if waiting:  # (an empty list would mean every worker, the log followers too)
@@ -184,7 +188,13 @@ async def shoot(home: Path) -> None:
         app.poll_now("localhost")
         app.poll_now("gpu-lab")
         await wait_for(pilot, lambda: app.dashboard.query_one(WorkersTable).row_count > 0)
-        # A few polls, so the history graphs and the token rate have points.
+        # The reply counted and the worker idle again (the agent's health check may take a
+        # while to report it), and a few polls, so the history graphs have points.
+        def served() -> bool:
+            workers = app.snapshot("localhost").workers
+            return bool(workers) and all(w.state == "idle" and w.tokens_served for w in workers)
+
+        await wait_for(pilot, served, limit_s=90, required=False)
         await wait_for(pilot, lambda: len(app.fleet.stats_of("localhost").ram_used_mb) >= 4)
         await settled()
         save("dashboard")
