@@ -306,6 +306,13 @@ class TokenEvent(BaseModel):
     index: int
 
 
+class QueuedEvent(BaseModel):
+    """Sent while a request waits in the worker's queue, before its first token: `queued` is
+    how many requests are ahead of this one."""
+
+    queued: int
+
+
 class DoneEvent(BaseModel):
     done: Literal[True] = True
     total_tokens: int
@@ -314,13 +321,6 @@ class DoneEvent(BaseModel):
     request_id: str
     prompt_tokens: int = 0
     ttft_ms: float | None = None
-
-
-class QueuedEvent(BaseModel):
-    """Sent while a request waits in the worker's queue, before its first token:
-    `queued` requests are ahead of this one."""
-
-    queued: int
 
 
 class StreamErrorEvent(BaseModel):
