@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +21,7 @@ from rbee_agent.protocol import (
     ErrorCode,
     HealthReply,
     InferenceRequest,
+    InferenceResult,
     RbeeError,
     ReadyReply,
     ShutdownReply,
@@ -27,6 +30,14 @@ from rbee_agent.protocol import (
 )
 from rbee_agent.sse import SSEResponse
 from rbee_agent.worker.service import InferenceRun, WorkerService
+
+
+def _rbee_error_response(err: RbeeError) -> JSONResponse:
+    """The one error body; a refusal that says when to come back also says it in the
+    standard `Retry-After` header (QUEUE_FULL, a queue timeout)."""
+    retry = err.details.get("retry_after_s")
+    headers = {"Retry-After": str(int(retry))} if isinstance(retry, int | float) else None
+    return error_response(err, headers=headers)
 
 REQUEST_ID_HEADER = "X-Request-Id"
 
@@ -86,6 +97,11 @@ def create_app(
     app = FastAPI(title="rbee worker", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
+
+    @app.exception_handler(RbeeError)
+    async def _rbee_error(_: Request, exc: RbeeError) -> JSONResponse:
+        return _rbee_error_response(exc)
+
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
 
     def require_key(request: Request) -> None:
@@ -95,8 +111,10 @@ def create_app(
     async def health() -> HealthReply:
         return HealthReply(
             version=__version__, worker_id=settings.worker_id, state=service.state,
-            slots_total=service.slots.total, slots_busy=service.slots.busy,
-            tokens_served=service.tokens_served,
+            slots_total=service.admission.total, slots_busy=service.admission.busy,
+            tokens_served=service.tokens_served, queued=service.admission.queued,
+            queue_depth=settings.queue_depth, gpu_layers=service.engine.gpu_layers,
+            layers_total=service.engine.layers_total,
         )
 
     api = APIRouter(dependencies=[Depends(require_key)])
@@ -120,7 +138,9 @@ def create_app(
         run = await service.begin(body, request.headers.get(REQUEST_ID_HEADER))
         headers = {REQUEST_ID_HEADER: run.request_id}
         if not body.stream:
-            result = await run.collect()
+            result = await _collect_unless_gone(run, request)
+            if result is None:  # nobody is listening any more
+                return Response(status_code=499)
             return JSONResponse(result.model_dump(), headers=headers)
         return SSEResponse(_token_frames(run), headers=headers)
 
@@ -142,6 +162,31 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
     """Document a body we parse by hand in the OpenAPI schema."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+async def _collect_unless_gone(run: InferenceRun, request: Request) -> InferenceResult | None:
+    """A non-streamed result; a client that hangs up meanwhile (even while its request
+    waits in the queue) cancels it, as a streaming client's does (B45)."""
+    collect = asyncio.ensure_future(run.collect())
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({collect, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    if not collect.done():
+        collect.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RbeeError):
+            await collect
+        run.cancel()
+        return None
+    return collect.result()
 
 
 async def _token_frames(run: InferenceRun) -> AsyncIterator[bytes]:
