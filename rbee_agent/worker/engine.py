@@ -202,7 +202,7 @@ class Engine:
         if at_least > room:
             raise self._too_long(at_least, request.max_tokens, estimated=True)
         if request.messages is not None:
-            rendered = self._chat_format(messages=[m.model_dump() for m in request.messages])
+            rendered = self._render_chat(request)
             tokens = model.tokenize(rendered.prompt, add_special=not rendered.added_special,
                                     parse_special=True)
         else:
@@ -216,6 +216,19 @@ class Engine:
         if request.grammar is not None:
             check_grammar(model, request.grammar)
         return tokens
+
+    def _render_chat(self, request: InferenceRequest) -> Any:
+        assert request.messages is not None
+        try:
+            return self._chat_format(messages=[m.model_dump() for m in request.messages])
+        except Exception as exc:  # the template is the model's code: it may refuse anything
+            raise RbeeError(
+                ErrorCode.INVALID_REQUEST,
+                f"The chat template of {self.config.model_path.name} refused these messages: "
+                f"{type(exc).__name__}: {exc}",
+                hint="Check the order of roles (many templates want user and assistant to "
+                "alternate, with at most one system message first).",
+            ) from None
 
     def _too_long(self, tokens: int, max_tokens: int, estimated: bool = False) -> RbeeError:
         count = f"at least {tokens}" if estimated else str(tokens)

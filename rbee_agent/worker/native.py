@@ -123,7 +123,7 @@ class Model:
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         """Thread-safe (the vocabulary is read-only once loaded), so it runs beside decode."""
-        data = text.encode("utf-8", "surrogatepass")
+        data = text.encode("utf-8", "replace")  # a lone surrogate is no UTF-8
         room = len(data) + 16
         while True:
             out = (C.llama_token * room)()

@@ -6,8 +6,11 @@ suppression (`ignore_eos`), repetition penalties, grammar, top-k, top-p, min-p, 
 then a draw seeded per request; greedy at temperature 0. A stage at its neutral value is left
 out. Grammar comes before the truncating stages so they never cut every allowed token.
 
-Log-probabilities (`top_logprobs`) are the one place logits are read from Python, and only
-for the requests that ask for them.
+Two kinds of request read the logits from Python, and only those: `top_logprobs`, and a
+grammar. A grammar that allows no token at some point (one that can match nothing, or one
+that is complete while `ignore_eos` forbids the end) would make llama.cpp's combined
+sample-and-accept throw a C++ exception through ctypes, which ends the process; so with a
+grammar we apply the chain ourselves, check that the pick is allowed, then accept it.
 """
 
 from __future__ import annotations
@@ -25,16 +28,48 @@ from rbee_agent.worker.native import Model
 PENALTY_LAST_N = 64  # tokens the penalties look back over (llama.cpp's default)
 
 
+NO_TOKEN = -1  # a grammar allowed nothing: the generation ends there
+
+
 class SamplerChain:
     """Owns a `llama_sampler` chain; free it exactly once."""
 
-    def __init__(self, ptr: Any, penalties: Any | None) -> None:
+    def __init__(self, ptr: Any, penalties: Any | None, model: Model, guarded: bool) -> None:
         self.ptr = ptr
         self._penalties = penalties
+        self._model = model
+        self._candidates: Any = None
+        self.sample = self._sample_guarded if guarded else self._sample
 
-    def sample(self, ctx: Any, index: int) -> int:
+    def _sample(self, ctx: Any, index: int) -> int:
         """Sample the batch's `index`-th output and feed the token back to the chain."""
         return int(C.llama_sampler_sample(self.ptr, ctx, index))
+
+    def _sample_guarded(self, ctx: Any, index: int) -> int:
+        """`llama_sampler_sample` in steps, refusing a pick the grammar did not allow."""
+        import numpy as np
+
+        n = self._model.n_vocab
+        if self._candidates is None:
+            self._candidates = np.zeros(n, dtype=[("id", "<i4"), ("logit", "<f4"),
+                                                  ("p", "<f4")])
+        candidates = self._candidates
+        candidates["id"] = np.arange(n, dtype=np.int32)
+        candidates["logit"] = np.ctypeslib.as_array(
+            ctypes.cast(C.llama_get_logits_ith(ctx, index), ctypes.POINTER(ctypes.c_float)),
+            shape=(n,))
+        candidates["p"] = 0.0
+        array = C.llama_token_data_array(
+            data=candidates.ctypes.data_as(C.llama_token_data_p), size=n, selected=-1,
+            sorted=False)
+        C.llama_sampler_apply(self.ptr, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            return NO_TOKEN
+        chosen = array.data[array.selected]
+        if not math.isfinite(chosen.logit):
+            return NO_TOKEN
+        C.llama_sampler_accept(self.ptr, chosen.id)
+        return int(chosen.id)
 
     def remember_prompt(self, tokens: list[int]) -> None:
         """Let the penalties see the prompt's tail (never the grammar: the prompt is not
@@ -105,7 +140,7 @@ def build_chain(model: Model, request: InferenceRequest) -> SamplerChain:
         add(chain, C.llama_sampler_init_temp(request.temperature))
         seed = request.seed if request.seed is not None else secrets.randbits(32)
         add(chain, C.llama_sampler_init_dist(seed))
-    return SamplerChain(chain, penalties)
+    return SamplerChain(chain, penalties, model, guarded=request.grammar is not None)
 
 
 def logprobs(model: Model, logits: Any, token: int, top: int

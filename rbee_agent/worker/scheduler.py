@@ -39,7 +39,7 @@ from rbee_agent.protocol import (
     TokenLogprob,
 )
 from rbee_agent.worker.native import Batch, Context, Model
-from rbee_agent.worker.sampling import SamplerChain, build_chain, logprobs
+from rbee_agent.worker.sampling import NO_TOKEN, SamplerChain, build_chain, logprobs
 from rbee_agent.worker.stops import StopHoldback
 
 log = logging.getLogger("rbee.worker")
@@ -264,6 +264,10 @@ class Scheduler:
         job = running.job
         request = job.request
         token = running.sampler.sample(self.ctx.ptr, index)
+        if token == NO_TOKEN:
+            log.warning("request %s: its grammar allows no further token", job.request_id)
+            self._finish(running, "stop")
+            return
         if token in self.model.eog and not request.ignore_eos:
             self._finish(running, "stop")
             return
