@@ -27,9 +27,15 @@ be equal: the two sides need not be bitwise identical (the worker runs llama.cpp
 attention where the raw `Llama` does not, and a GPU backend may pick other kernels for the
 same prompt), so greedy decoding can take another path after a near-tie.
 
-Output: a table, then as the last line one JSON object with the medians.
+Then, unless `--chat-turns 0`, a chat (B102): one conversation of `--chat-turns` turns on a
+worker with a 4096-token context, each turn the whole history plus a new ~90-token question,
+each reply 48 tokens; TTFT per turn (client side) with the prompt length and the tokens the
+worker took from its cache (`cached_tokens`). With prefix reuse TTFT stays flat while the
+prompt grows; without it, it would grow with the prompt.
 
-    .venv/bin/python bench/stream.py [--runs 7] [--threads 2] [--ctx-size 2048]
+Output: tables, then as the last line one JSON object with the medians.
+
+    .venv/bin/python bench/stream.py [--runs 7] [--threads 2] [--ctx-size 2048] [--chat-turns 10]
 """
 
 from __future__ import annotations
@@ -70,6 +76,8 @@ class Run:
     chunks: int  # raw: stream chunks; worker: token frames
     server_ms: float | None = None  # worker only: duration_ms from the done frame
     server_ttft_ms: float | None = None  # worker only: ttft_ms from the done frame
+    prompt_tokens: int = 0  # worker only
+    cached_tokens: int = 0  # worker only: prompt tokens taken from its cache
 
     @property
     def tok_s(self) -> float:
@@ -233,6 +241,26 @@ class Worker:
             self.log_path.unlink()
 
 
+def chat_turns(worker: Worker, turns: int) -> list[dict[str, Any]]:
+    """One conversation, turn by turn: TTFT, prompt tokens and cached tokens of each."""
+    question = ("Tell me one more thing about bees and how they live, what they eat, where "
+                "they go in winter, how a hive is organised and why the queen matters so "
+                "much to all of them, in a few sentences. Question {n}.")
+    history: list[dict[str, str]] = []
+    rows = []
+    with httpx.Client(timeout=httpx.Timeout(300.0, connect=5.0)) as client:
+        for n in range(1, turns + 1):
+            history.append({"role": "user", "content": question.format(n=n)})
+            body = {"messages": history, "max_tokens": 48, "temperature": 0,
+                    "ignore_eos": True, "stream": True}
+            run = worker_run(client, worker, body)
+            history.append({"role": "assistant", "content": run.text})
+            rows.append({"turn": n, "ttft_ms": round(run.ttft_ms, 1),
+                         "prompt_tokens": run.prompt_tokens,
+                         "cached_tokens": run.cached_tokens})
+    return rows
+
+
 @contextlib.contextmanager
 def running_worker(model: Path, ctx_size: int, threads: int) -> Iterator[Worker]:
     port = free_port()
@@ -306,6 +334,8 @@ def read_stream(response: httpx.Response, start: float) -> Run:
         chunks=len(parts),
         server_ms=float(done["duration_ms"]),
         server_ttft_ms=done.get("ttft_ms"),
+        prompt_tokens=int(done.get("prompt_tokens", 0)),
+        cached_tokens=int(done.get("cached_tokens") or 0),
     )
 
 
@@ -335,6 +365,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--model", type=Path, default=None, help="GGUF file (default: bundled)")
+    p.add_argument("--chat-turns", type=int, default=10, help="chat turns to time (0: none)")
     args = p.parse_args(argv)
     if args.runs < 5:
         p.error("--runs must be at least 5")
@@ -434,6 +465,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; worker stopped", file=sys.stderr)
         return 130
+    if args.chat_turns > 0:
+        model: Path = args.model or bundled_model_path()
+        with running_worker(model, 4096, args.threads) as worker:
+            rows = chat_turns(worker, args.chat_turns)
+        print(f"\nchat: {'turn':>4} {'TTFT ms':>9} {'prompt':>7} {'cached':>7}")
+        for r in rows:
+            print(f"      {r['turn']:>4} {r['ttft_ms']:>9.1f} {r['prompt_tokens']:>7} "
+                  f"{r['cached_tokens']:>7}")
+        result["chat_ttft_ms"] = [r["ttft_ms"] for r in rows]
+        result["chat_prompt_tokens"] = [r["prompt_tokens"] for r in rows]
+        result["chat_cached_tokens"] = [r["cached_tokens"] for r in rows]
     print(json.dumps(result))
     return 0
 

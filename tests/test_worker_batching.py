@@ -94,7 +94,7 @@ def test_b104_greedy_output_is_the_same_alone_and_batched_with_seven_others(
     engine: tuple[Engine, Recorder],
 ) -> None:
     eng, rec = engine
-    body = {"max_tokens": 24, "temperature": 0}
+    body = {"max_tokens": 16, "temperature": 0}
     alone = []
     for prompt in PROMPTS:
         job = submit(eng, prompt=prompt, **body)
@@ -109,7 +109,7 @@ def test_b104_seeded_sampling_is_the_same_alone_and_batched(
     engine: tuple[Engine, Recorder],
 ) -> None:
     eng, rec = engine
-    body = {"max_tokens": 24, "temperature": 1.1, "seed": 42}
+    body = {"max_tokens": 16, "temperature": 1.1, "seed": 42}
     alone = [text_of(rec.wait(submit(eng, prompt=p, **body).request_id)) for p in PROMPTS[:4]]
     jobs = [submit(eng, prompt=p, **body) for p in PROMPTS[:4]]
     assert [text_of(rec.wait(j.request_id)) for j in jobs] == alone
@@ -192,7 +192,7 @@ def test_b47_seeded_request_gives_the_same_text_with_and_without_its_cached_pref
 ) -> None:
     eng, rec = engine
     body = {"prompt": "A list of flowers: " + ", ".join(f"rose{i}" for i in range(80)),
-            "max_tokens": 32, "temperature": 1.2, "seed": 1234}
+            "max_tokens": 16, "temperature": 1.2, "seed": 1234}
     cold = rec.wait(submit(eng, **body).request_id)
     warm = rec.wait(submit(eng, **body).request_id)
     assert done_of(cold).cached_tokens == 0 and (done_of(warm).cached_tokens or 0) > 0

@@ -114,7 +114,7 @@ class Scheduler:
         self._batch = Batch(chunk + ctx.n_seq)
         self._inbox: queue.SimpleQueue[Job | _Call | None] = queue.SimpleQueue()
         self._prefilling: list[_Running] = []  # admission order
-        self._decoding: list[_Running] = []  # by sequence id (see _step)
+        self._decoding: list[_Running] = []
         self._out: list[tuple[Job, StreamItem]] = []
         self._tick = 0
         self._stopping = False
@@ -196,8 +196,8 @@ class Scheduler:
         self._prefilling.append(_Running(job, slot, sampler, reuse))
 
     def _choose_slot(self, prompt: list[int]) -> tuple[_Slot, int]:
-        """The free slot whose kept chunks cover most of this prompt; else the one unused
-        longest (LRU). Returns it with how many prompt tokens it already holds."""
+        """The free slot whose kept chunks cover most of this prompt; else an empty one; else
+        the one unused longest (LRU). Returns it with how many prompt tokens it holds."""
         free = [s for s in self._slots if not s.busy]
         if not free:
             raise RuntimeError("no free slot: the service admitted more jobs than slots")
@@ -213,7 +213,9 @@ class Scheduler:
                 best, best_reuse = slot, reuse
         if best is not None:
             return best, best_reuse
-        return min(free, key=lambda s: s.last_used), 0
+        # Slots that keep nothing first, lowest id first (running sequences with consecutive
+        # ids decode in one pass); else the one whose kept chunks were used longest ago.
+        return min(free, key=lambda s: (bool(s.cached), s.last_used if s.cached else s.seq)), 0
 
     def _drop_cancelled(self) -> None:
         for running in [r for r in (*self._prefilling, *self._decoding) if r.job.cancelled]:
@@ -221,25 +223,35 @@ class Scheduler:
 
     def _step(self) -> None:
         batch, chunk = self._batch, self.chunk
-        batch.clear()
-        # Generating sequences first, in sequence-id order: llama.cpp computes sequences
-        # with consecutive ids in one pass when each has its own KV stream.
-        decodes = [(r, batch.add(r.next_token, r.n_past, r.slot.seq, True))
-                   for r in self._decoding]
-        prefills: list[tuple[_Running, int, int]] = []
+        # Prompt pieces first-come first-served, `chunk` prompt tokens in all per step; a
+        # piece ends at the next multiple of `chunk` (fixed positions, see the docstring).
+        pieces: list[tuple[_Running, int]] = []
         budget = chunk
         for running in self._prefilling:
-            prompt = running.job.prompt
-            end = min(len(prompt), (running.n_past // chunk + 1) * chunk)
-            if prefills and end - running.n_past > budget:
+            end = min(len(running.job.prompt), (running.n_past // chunk + 1) * chunk)
+            if pieces and end - running.n_past > budget:
                 break
-            last = end == len(prompt)
-            index = batch.add_run(prompt[running.n_past:end], running.n_past,
-                                  running.slot.seq, last)
-            prefills.append((running, end, index if last else -1))
+            pieces.append((running, end))
             budget -= end - running.n_past
             if budget <= 0:
                 break
+        # Into the batch in sequence-id order: with a KV stream per sequence, llama.cpp
+        # computes a run of consecutive sequence ids in one pass, and splits the rest.
+        batch.clear()
+        decodes: list[tuple[_Running, int]] = []
+        prefills: list[tuple[_Running, int, int]] = []
+        ending = {id(r): end for r, end in pieces}
+        for running in sorted([*self._decoding, *(r for r, _ in pieces)],
+                              key=lambda r: r.slot.seq):
+            stop = ending.get(id(running))
+            if stop is None:
+                decodes.append((running, batch.add(running.next_token, running.n_past,
+                                                   running.slot.seq, True)))
+                continue
+            last = stop == len(running.job.prompt)
+            index = batch.add_run(running.job.prompt[running.n_past:stop], running.n_past,
+                                  running.slot.seq, last)
+            prefills.append((running, stop, index if last else -1))
         batch.seal()
         self.steps += 1
         status = self.ctx.decode(batch)
@@ -257,7 +269,6 @@ class Scheduler:
             if index >= 0:
                 self._prefilling.remove(running)
                 self._decoding.append(running)
-                self._decoding.sort(key=lambda r: r.slot.seq)
                 self._sample(running, index)
 
     def _sample(self, running: _Running, index: int) -> None:

@@ -10,6 +10,7 @@ and nothing blocks the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -331,8 +332,9 @@ class WorkerService:
     def _from_engine(self, items: list[tuple[Job, StreamItem]]) -> None:
         """Engine thread → loop, once per step."""
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._deliver, items)
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
+                loop.call_soon_threadsafe(self._deliver, items)
 
     def _deliver(self, items: list[tuple[Job, StreamItem]]) -> None:
         for job, item in items:
