@@ -14,7 +14,7 @@ import pytest
 
 from rbee_agent.protocol import DoneEvent, InferenceRequest, RbeeError, TokenEvent
 from rbee_agent.worker.engine import Engine, EngineConfig
-from rbee_agent.worker.scheduler import Job, StreamItem
+from rbee_agent.worker.scheduler import Job, Reuse, StreamItem
 from tests.support import LONG_PROMPT, bundled_model_path
 
 CHUNK = 64
@@ -60,15 +60,34 @@ class Recorder:
         return self.items(rid)
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[tuple[Engine, Recorder]]:
-    eng = Engine(EngineConfig(model_path=bundled_model_path(), slots=SLOTS, ctx_size=2048,
-                              prefill_chunk=CHUNK, threads=2))
+def running_engine(slots: int, reuse: Reuse) -> Iterator[tuple[Engine, Recorder]]:
+    eng = Engine(EngineConfig(model_path=bundled_model_path(), slots=slots, ctx_size=2048,
+                              prefill_chunk=CHUNK, threads=1, prefix_reuse=reuse))
     eng.load(lambda _layers: None, lambda: False)
     recorder = Recorder()
     eng.start(recorder.sink)
     yield eng, recorder
     eng.close()
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[tuple[Engine, Recorder]]:
+    """Eight slots, reusing any cached prefix (the CPU default)."""
+    yield from running_engine(SLOTS, Reuse.ANY)
+
+
+@pytest.fixture(scope="module")
+def chunk_engine() -> Iterator[tuple[Engine, Recorder]]:
+    """Two slots, reusing whole prompt chunks only (the GPU default)."""
+    yield from running_engine(2, Reuse.CHUNKS)
+
+
+@pytest.fixture
+def fresh_engine() -> Iterator[tuple[Engine, Recorder]]:
+    yield from running_engine(4, Reuse.ANY)
+
+
+either_engine = pytest.mark.parametrize("which", ["engine", "chunk_engine"])
 
 
 _ids = iter(range(10**6))
@@ -116,30 +135,29 @@ def test_b104_seeded_sampling_is_the_same_alone_and_batched(
 
 
 def test_b105_cancelling_one_of_four_leaves_the_others_intact_and_frees_its_cells(
-    engine: tuple[Engine, Recorder],
+    fresh_engine: tuple[Engine, Recorder],
 ) -> None:
-    eng, rec = engine
+    eng, rec = fresh_engine
     assert eng.scheduler is not None
     body = {"prompt": LONG_PROMPT, "max_tokens": 40, "temperature": 0}
-    reference = text_of(rec.wait(submit(eng, **body).request_id))
     jobs = [submit(eng, **body) for _ in range(4)]
+    prompt = len(jobs[0].prompt)
     for job in jobs:
         rec.wait(job.request_id, tokens=3)
     victim = jobs[1]
     victim.cancelled = True
     done = done_of(rec.wait(victim.request_id))
     assert done.finish_reason == "cancelled" and done.total_tokens < 40
-    # Its cells are free the moment it ends, while the three others still hold theirs.
+    # The moment it ends, its reply's cells are freed (its prompt's stay, for a retry),
+    # while the three others still hold their prompt and what they have generated so far.
     cells = eng.scheduler.kv_cells().result(30)
-    others_running = [j for j in jobs if j is not victim
-                      and not isinstance(rec.items(j.request_id)[-1], DoneEvent)]
-    assert cells.count(0) >= SLOTS - len(others_running)
-    for job in jobs:
-        if job is not victim:
-            items = rec.wait(job.request_id)
-            assert text_of(items) == reference and done_of(items).total_tokens == 40
-    # Finished sequences keep only whole prompt chunks; this prompt is shorter than one.
-    assert eng.scheduler.kv_cells().result(30) == [0] * SLOTS
+    assert cells.count(prompt) == 1
+    assert sorted(cells)[1:] == sorted(c for c in cells if c > prompt)
+    texts = {text_of(rec.wait(j.request_id)) for j in jobs if j is not victim}
+    assert len(texts) == 1 and all(done_of(rec.items(j.request_id)).total_tokens == 40
+                                   for j in jobs if j is not victim)
+    alone = rec.wait(submit(eng, **body).request_id)
+    assert text_of(alone) in texts
 
 
 def test_b103_a_long_prompt_is_read_in_chunks_between_the_running_streams_tokens(
@@ -168,30 +186,36 @@ def test_b103_a_long_prompt_is_read_in_chunks_between_the_running_streams_tokens
     assert tokens_meanwhile >= chunks - 1
 
 
+@either_engine
 def test_b102_b47_next_chat_turn_reuses_the_cache_and_gives_the_same_text(
-    engine: tuple[Engine, Recorder],
+    which: str, request: pytest.FixtureRequest,
 ) -> None:
-    eng, rec = engine
-    history = [{"role": "user", "content": "Tell me about bees. " + "They buzz. " * 60}]
+    eng, rec = request.getfixturevalue(which)
+    history = [{"role": "user", "content": f"Tell me about bees ({which}). " + "Buzz. " * 90}]
     first = rec.wait(submit(eng, messages=history, max_tokens=16, temperature=0).request_id)
+    prompt = done_of(first).prompt_tokens
     assert done_of(first).cached_tokens == 0
     history += [{"role": "assistant", "content": text_of(first)},
                 {"role": "user", "content": "And wasps?"}]
-    seeded = {"messages": history, "max_tokens": 24, "temperature": 1.2, "seed": 99}
+    seeded = {"messages": history, "max_tokens": 16, "temperature": 1.2, "seed": 99}
     second = rec.wait(submit(eng, **seeded).request_id)
     cached = done_of(second).cached_tokens or 0
-    assert cached >= CHUNK * 2 and cached % CHUNK == 0
+    if which == "engine":  # any prefix: the whole first turn, prompt and reply
+        assert cached >= prompt + 1
+    else:  # whole chunks of the first prompt only
+        assert cached == prompt - prompt % CHUNK >= 2 * CHUNK
     # The same turn again, now mostly from the cache: the same seeded text (B47).
     third = rec.wait(submit(eng, **seeded).request_id)
-    assert (done_of(third).cached_tokens or 0) >= cached
+    assert (done_of(third).cached_tokens or 0) >= max(cached, 1)
     assert text_of(third) == text_of(second)
 
 
+@either_engine
 def test_b47_seeded_request_gives_the_same_text_with_and_without_its_cached_prefix(
-    engine: tuple[Engine, Recorder],
+    which: str, request: pytest.FixtureRequest,
 ) -> None:
-    eng, rec = engine
-    body = {"prompt": "A list of flowers: " + ", ".join(f"rose{i}" for i in range(80)),
+    eng, rec = request.getfixturevalue(which)
+    body = {"prompt": f"Flowers ({which}): " + ", ".join(f"rose{i}" for i in range(80)),
             "max_tokens": 16, "temperature": 1.2, "seed": 1234}
     cold = rec.wait(submit(eng, **body).request_id)
     warm = rec.wait(submit(eng, **body).request_id)

@@ -24,7 +24,7 @@ from rbee_agent.gguf_meta import GgufMeta, read_gguf_meta
 from rbee_agent.protocol import ErrorCode, InferenceRequest, RbeeError
 from rbee_agent.worker import native
 from rbee_agent.worker.sampling import check_grammar
-from rbee_agent.worker.scheduler import Job, Scheduler, Sink
+from rbee_agent.worker.scheduler import Job, Reuse, Scheduler, Sink
 from rbee_agent.worker.stops import StopHoldback
 
 log = logging.getLogger(__name__)
@@ -36,15 +36,11 @@ DEFAULT_PREFILL_CHUNK = 256
 
 
 def default_threads() -> int:
-    """Physical cores this process may use: llama.cpp's decode gains nothing from SMT."""
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False)
-    except ImportError:
-        physical = None
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return max(1, min(n for n in (physical, allowed, os.cpu_count()) if n))
+    """Half the logical CPUs (llama-cpp-python's own default, which workers always had): the
+    physical cores on an SMT machine, and a core left for the HTTP side on a small node.
+    llama.cpp's CPU threads wait for each other at every step of a decode; on a node whose
+    cores are all taken, two threads on two cores can be many times slower than one."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 @dataclass(frozen=True)
@@ -58,6 +54,7 @@ class EngineConfig:
     gpu_layers: int | None = None  # None: every layer on a GPU backend, none on cpu
     tensor_split: tuple[float, ...] | None = None
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prefix_reuse: Reuse | None = None  # None: any prefix on the CPU, whole chunks on a GPU
 
 
 class Engine:
@@ -82,6 +79,14 @@ class Engine:
         if requested is None or requested < 0:
             return self.layers_total
         return min(requested, self.layers_total)
+
+    @property
+    def prefix_reuse(self) -> Reuse:
+        """Any cached prefix on the CPU backend, whose kernels give each token of a batch the
+        same result whatever else is in it; whole prompt chunks elsewhere (B47, B102)."""
+        if self.config.prefix_reuse is not None:
+            return self.config.prefix_reuse
+        return Reuse.ANY if self.config.backend == "cpu" else Reuse.CHUNKS
 
     @property
     def threads(self) -> int:
@@ -135,13 +140,15 @@ class Engine:
                 hint="Lower --ctx-size or --slots.",
             ) from None
         self._chat_format = self._make_chat_formatter(self.model)
-        log.info("context: %d slot(s) × %d tokens, %d thread(s), prefill chunk %d",
-                 cfg.slots, self.ctx.ctx_per_seq, self.threads, cfg.prefill_chunk)
+        log.info("context: %d slot(s) × %d tokens, %d thread(s), prefill chunk %d, "
+                 "prefix reuse: %s", cfg.slots, self.ctx.ctx_per_seq, self.threads,
+                 cfg.prefill_chunk, self.prefix_reuse)
 
     def start(self, sink: Sink) -> None:
         """Start the engine thread; `sink` receives its events (on that thread)."""
         assert self.model is not None and self.ctx is not None
-        self.scheduler = Scheduler(self.model, self.ctx, self.config.prefill_chunk, sink)
+        self.scheduler = Scheduler(self.model, self.ctx, self.config.prefill_chunk, sink,
+                                   self.prefix_reuse)
         self.scheduler.start()
 
     def _make_chat_formatter(self, model: native.Model) -> Any:

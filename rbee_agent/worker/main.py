@@ -16,6 +16,7 @@ from pathlib import Path
 from rbee_agent.loop import run as run_loop
 from rbee_agent.protocol import BACKENDS, RbeeError
 from rbee_agent.worker.engine import DEFAULT_PREFILL_CHUNK
+from rbee_agent.worker.scheduler import Reuse
 
 API_KEY_ENV = "RBEE_WORKER_API_KEY"
 
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the model per visible GPU, e.g. 3,1 (llama.cpp's layer split)")
     p.add_argument("--prefill-chunk", default=DEFAULT_PREFILL_CHUNK, type=int,
                    help="prompt tokens read per step beside the running streams")
+    p.add_argument("--prefix-reuse", default=None, choices=[r.value for r in Reuse],
+                   help="cached prompt cells a new request may reuse: any prefix, or whole "
+                   "prefill chunks only (default: any on cpu, chunks on a GPU)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--drain-timeout", default=30.0, type=float,
                    help="seconds an active request may take to finish on shutdown")
@@ -134,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx_size=args.ctx_size, threads=args.threads, slots=args.slots,
             gpu_layers=args.gpu_layers, tensor_split=args.tensor_split,
             prefill_chunk=args.prefill_chunk,
+            prefix_reuse=Reuse(args.prefix_reuse) if args.prefix_reuse else None,
         ))
     except RbeeError as err:
         return _fail(err.message)

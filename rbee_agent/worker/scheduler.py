@@ -6,12 +6,17 @@ their prompt, at most `chunk` prompt tokens in all. A long prompt therefore dela
 streams by one chunk per step, never by its whole length (B103). After the decode, each
 generating sequence samples its next token with its own sampler chain, in C (B101).
 
-Prompts are read in chunks at fixed positions (0, C, 2C, …). A finished sequence keeps the
-KV cells of its prompt's whole chunks; the rest is freed at once. A new request whose prompt
-starts with those chunks (the next turn of a chat) takes that slot and skips them (B102).
-Reusing whole chunks only means a cached prompt is computed in exactly the same pieces as a
-fresh one, so caching never changes a seeded request's text (B47; docs/architecture.md,
-"Determinism").
+Prompts are read in chunks at fixed positions (0, C, 2C, …). A finished sequence keeps KV
+cells in its slot, and a new request whose prompt starts with the same tokens (the next turn
+of a chat) takes that slot and skips them (B102). What is kept, so that caching never
+changes a seeded request's text (B47; docs/architecture.md, "Determinism"):
+
+- `Reuse.ANY` (the CPU backend, whose kernels compute each token of a batch the same way
+  whatever else is in it): every cell — the prompt and the reply (a cancelled request keeps
+  its prompt) — and any common prefix is reused;
+- `Reuse.CHUNKS` (GPU backends, whose kernels depend on the batch's shape): only the whole
+  prompt chunks, so a cached prompt computes its rest in exactly the pieces a fresh one
+  would; the other cells are freed at once.
 
 The asyncio side talks to this thread through a thread-safe inbox (jobs in) and a sink
 (events out, one call per step, which the service hands to its loop). Cancellation is a flag
@@ -28,6 +33,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from rbee_agent.protocol import (
     DoneEvent,
@@ -80,10 +86,17 @@ class _Call:
             self.future.set_exception(exc)
 
 
+class Reuse(StrEnum):
+    """Which cached cells a new request may reuse (see the module docstring)."""
+
+    ANY = "any"
+    CHUNKS = "chunks"
+
+
 @dataclass(eq=False)
 class _Slot:
     seq: int
-    cached: list[int] = field(default_factory=list)  # whole prompt chunks with KV kept
+    cached: list[int] = field(default_factory=list)  # tokens whose KV cells are kept
     last_used: int = -1
     busy: bool = False
 
@@ -105,10 +118,12 @@ class _Running:
 
 
 class Scheduler:
-    def __init__(self, model: Model, ctx: Context, chunk: int, sink: Sink) -> None:
+    def __init__(self, model: Model, ctx: Context, chunk: int, sink: Sink,
+                 reuse: Reuse = Reuse.CHUNKS) -> None:
         self.model = model
         self.ctx = ctx
         self.chunk = chunk
+        self.reuse = reuse
         self._sink = sink
         self._slots = [_Slot(i) for i in range(ctx.n_seq)]
         self._batch = Batch(chunk + ctx.n_seq)
@@ -196,7 +211,7 @@ class Scheduler:
         self._prefilling.append(_Running(job, slot, sampler, reuse))
 
     def _choose_slot(self, prompt: list[int]) -> tuple[_Slot, int]:
-        """The free slot whose kept chunks cover most of this prompt; else an empty one; else
+        """The free slot whose kept cells cover most of this prompt; else an empty one; else
         the one unused longest (LRU). Returns it with how many prompt tokens it holds."""
         free = [s for s in self._slots if not s.busy]
         if not free:
@@ -204,11 +219,9 @@ class Scheduler:
         limit = len(prompt) - 1  # the last prompt token is always computed (its logits)
         best, best_reuse = None, 0
         for slot in free:
-            reuse = 0
-            while (reuse + self.chunk <= min(len(slot.cached), limit)
-                   and slot.cached[reuse:reuse + self.chunk]
-                   == prompt[reuse:reuse + self.chunk]):
-                reuse += self.chunk
+            reuse = _common_prefix(slot.cached, prompt, limit, self.chunk)
+            if self.reuse is Reuse.CHUNKS:
+                reuse -= reuse % self.chunk
             if reuse > best_reuse:
                 best, best_reuse = slot, reuse
         if best is not None:
@@ -259,11 +272,16 @@ class Scheduler:
             self._fail([r for r, _ in decodes] + [r for r, _, _ in prefills],
                        f"llama_decode returned {status}")
             return
+        keep_all = self.reuse is Reuse.ANY
         for running, index in decodes:
             running.n_past += 1
+            if keep_all:
+                running.slot.cached.append(running.next_token)
             self._sample(running, index)
         for running, end, index in prefills:
-            if end % chunk == 0:  # a whole chunk at a fixed position: worth keeping
+            if keep_all:
+                running.slot.cached.extend(running.job.prompt[running.n_past:end])
+            elif end % chunk == 0:  # a whole chunk at a fixed position: worth keeping
                 running.slot.cached.extend(running.job.prompt[end - chunk:end])
             running.n_past = end
             if index >= 0:
@@ -313,6 +331,8 @@ class Scheduler:
             tail = running.holdback.flush() + running.decoder.decode(b"", final=True)
             if tail:
                 self._token(running, tail)
+        else:  # a retry may want the prompt again; nobody wants a reply that was abandoned
+            del running.slot.cached[len(job.prompt):]
         self._release(running)
         self._emit(job, DoneEvent(
             total_tokens=job.produced,
@@ -356,3 +376,15 @@ class Scheduler:
         if self._out:
             out, self._out = self._out, []
             self._sink(out)
+
+
+def _common_prefix(cached: list[int], prompt: list[int], limit: int, step: int) -> int:
+    """How many leading tokens `cached` and `prompt` share, at most `limit`; compared `step`
+    tokens at a time (list slices compare in C), then token by token."""
+    n = min(len(cached), limit)
+    same = 0
+    while same + step <= n and cached[same:same + step] == prompt[same:same + step]:
+        same += step
+    while same < n and cached[same] == prompt[same]:
+        same += 1
+    return same
