@@ -55,7 +55,8 @@ def test_b44_overloaded_worker_returns_503_with_slot_counts(
     w = start_worker("--queue-depth", "0")
     with httpx.stream("POST", f"{w.url}/v1/inference", json=LONG,
                       headers=w.headers, timeout=60) as r:
-        next(sse_data(r))
+        frames = sse_data(r)  # kept: a dropped generator closes the stream (B45)
+        next(frames)
         busy = httpx.post(f"{w.url}/v1/inference", headers=w.headers,
                           json={"prompt": "Hi", "max_tokens": 2})
         assert busy.status_code == 503
