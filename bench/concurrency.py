@@ -23,9 +23,14 @@ number is in it). Measured at the client:
 - inter-token p50/p99: gaps between consecutive token frames of one request;
 - errors (transport errors, non-200 other than 503, error frames, short replies), 503s.
 
-Client counts alternate rbee, llama-server at each level, after one warm-up request each.
-The last line is one JSON object; `ratio_16` is rbee's aggregate tok/s over llama-server's
-at 16 clients (target on a 2-core CPU: ≥ 0.9, and 64 clients with no error and no 503).
+- server CPU ms per token: the CPU time the serving processes used (rbee: agent + worker;
+  llama-server: its process), from psutil, over the tokens generated. On a machine shared
+  with other work this is steadier than tok/s.
+
+Each level runs `--repeat` times, alternating which side goes first, after one warm-up
+request each; tok/s is the median of the repeats, latencies are pooled over them. The last
+line is one JSON object; `ratio_16` is rbee's aggregate tok/s over llama-server's at 16
+clients (target on a 2-core CPU: ≥ 0.9, and 64 clients with no error and no 503).
 Then, unless `--skip-memory`: a worker's RSS with 1 and with 8 slots (one copy of the
 weights whatever the slot count).
 """
@@ -34,8 +39,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,10 +77,20 @@ class Result:
 
 @dataclass
 class Level:
+    """All runs of one side at one client count."""
+
     name: str
     clients: int
-    wall_s: float
-    results: list[Result]
+    walls_s: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    cpu_s: float = 0.0
+    results: list[Result] = field(default_factory=list)
+
+    def add(self, wall_s: float, cpu_s: float, results: list[Result]) -> None:
+        self.walls_s.append(wall_s)
+        self.tokens.append(sum(r.tokens for r in results if not r.error and r.status == 200))
+        self.cpu_s += cpu_s
+        self.results += results
 
     @property
     def ok(self) -> list[Result]:
@@ -81,7 +98,11 @@ class Level:
 
     @property
     def tok_s(self) -> float:
-        return sum(r.tokens for r in self.ok) / self.wall_s
+        return statistics.median(t / w for t, w in zip(self.tokens, self.walls_s, strict=True))
+
+    @property
+    def cpu_ms_per_token(self) -> float:
+        return 1000 * self.cpu_s / max(1, sum(self.tokens))
 
     @property
     def rejected(self) -> int:
@@ -98,7 +119,9 @@ class Level:
                 "ttft_p99_ms": pct(ttft, 99), "itl_p50_ms": pct(gaps, 50),
                 "itl_p99_ms": pct(gaps, 99), "requests": len(self.results),
                 "errors": self.errors, "rejected_503": self.rejected,
-                "wall_s": round(self.wall_s, 2)}
+                "cpu_ms_per_token": round(self.cpu_ms_per_token, 2),
+                "runs_tok_s": [round(t / w, 1) for t, w in
+                               zip(self.tokens, self.walls_s, strict=True)]}
 
 
 def pct(values: list[float], p: int) -> float | None:
@@ -118,6 +141,15 @@ class Server:
     headers: dict[str, str]
     body: Callable[[str, int], dict[str, Any]]
     parse: Callable[[dict[str, Any], Result], bool]  # True when the stream is done
+    pids: list[int] = field(default_factory=list)  # the processes that serve
+
+    def cpu_s(self) -> float:
+        total = 0.0
+        for pid in self.pids:
+            with contextlib.suppress(psutil.Error):
+                times = psutil.Process(pid).cpu_times()
+                total += times.user + times.system
+        return total
 
 
 def rbee_body(prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -187,18 +219,23 @@ async def one_request(client: httpx.AsyncClient, server: Server, prompt: str,
     return result
 
 
-async def run_level(server: Server, clients: int, rounds: int, max_tokens: int) -> Level:
+async def run_level(server: Server, level: Level, rounds: int, max_tokens: int,
+                    run: int) -> None:
+    clients = level.clients
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0),
                                  limits=limits) as client:
         async def client_loop(i: int) -> list[Result]:
-            return [await one_request(client, server, PROMPT.format(client=i, n=n), max_tokens)
+            return [await one_request(client, server,
+                                      PROMPT.format(client=i, n=f"{run}.{n}"), max_tokens)
                     for n in range(rounds)]
 
+        cpu = server.cpu_s()
         start = time.perf_counter()
         per_client = await asyncio.gather(*(client_loop(i) for i in range(clients)))
         wall = time.perf_counter() - start
-    return Level(server.name, clients, wall, [r for rs in per_client for r in rs])
+        cpu = server.cpu_s() - cpu
+    level.add(wall, cpu, [r for rs in per_client for r in rs])
 
 
 # ---------------------------------------------------------------------- start-up
@@ -251,10 +288,10 @@ class LlamaServer:
             self.proc.wait()
 
 
-def rbee_worker(agent: AgentProc, slots: int, ctx: int) -> str:
+def rbee_worker(agent: AgentProc, slots: int, ctx: int) -> tuple[str, int]:
     worker = agent.spawn(ctx_size=ctx, slots=slots)
-    agent.wait_state(worker["id"], "idle", timeout=120)
-    return str(worker["id"])
+    ready = agent.wait_state(worker["id"], "idle", timeout=120)
+    return str(worker["id"]), int(ready["pid"])
 
 
 # ---------------------------------------------------------------------- memory
@@ -287,7 +324,8 @@ def row(level: Level) -> str:
 
     return (f"{level.clients:>7} {level.name:<13} {s['tok_s']:>8.1f} {f(s['ttft_p50_ms']):>9} "
             f"{f(s['ttft_p99_ms']):>9} {f(s['itl_p50_ms']):>8} {f(s['itl_p99_ms']):>8} "
-            f"{s['errors']:>6} {s['rejected_503']:>5} {s['requests']:>5}")
+            f"{s['errors']:>6} {s['rejected_503']:>5} {s['requests']:>5} "
+            f"{s['cpu_ms_per_token']:>7.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx-size", type=int, default=2048, help="context per slot")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="requests per client")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs per level and side, alternating which side goes first")
     p.add_argument("--llama-server", type=Path, default=None,
                    help="llama-server binary (default: build or find it with "
                    "bench/build_llama_server.sh)")
@@ -316,24 +356,30 @@ def main(argv: list[str] | None = None) -> int:
     server = LlamaServer(binary, model, args.slots, args.ctx_size, args.threads)
     results: dict[str, Any] = {"slots": args.slots, "threads": args.threads,
                                "ctx_size": args.ctx_size, "max_tokens": args.max_tokens,
-                               "rounds": args.rounds, "levels": {}}
+                               "rounds": args.rounds, "repeat": args.repeat, "levels": {}}
     try:
-        worker_id = rbee_worker(agent, args.slots, args.ctx_size)
+        worker_id, worker_pid = rbee_worker(agent, args.slots, args.ctx_size)
         server.wait_ready()
         sides = [
             Server("rbee", f"{agent.url}/v1/workers/{worker_id}/inference", agent.headers,
-                   rbee_body, rbee_parse),
+                   rbee_body, rbee_parse, [agent.proc.pid, worker_pid]),
             Server("llama-server", f"{server.url}/completion", {}, llama_server_body,
-                   llama_server_parse),
+                   llama_server_parse, [server.proc.pid]),
         ]
         for side in sides:  # warm-up, not counted
-            asyncio.run(run_level(side, 1, 1, 8))
+            asyncio.run(run_level(side, Level(side.name, 1), 1, 8, -1))
         print(f"\n{'clients':>7} {'server':<13} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-              f"{'ITL p50':>8} {'ITL p99':>8} {'errors':>6} {'503s':>5} {'reqs':>5}")
+              f"{'ITL p50':>8} {'ITL p99':>8} {'errors':>6} {'503s':>5} {'reqs':>5} "
+              f"{'CPU ms/tok':>7}")
         for clients in levels:
-            pair = {}
+            pair: dict[str, Any] = {}
+            runs = {side.name: Level(side.name, clients) for side in sides}
+            for run in range(args.repeat):
+                for side in (sides if run % 2 == 0 else sides[::-1]):
+                    asyncio.run(run_level(side, runs[side.name], args.rounds,
+                                          args.max_tokens, run))
             for side in sides:
-                level = asyncio.run(run_level(side, clients, args.rounds, args.max_tokens))
+                level = runs[side.name]
                 print(row(level), flush=True)
                 pair[side.name] = level.summary()
                 failed = [r.error for r in level.results if r.error][:3]

@@ -30,8 +30,8 @@ same prompt), so greedy decoding can take another path after a near-tie.
 Then, unless `--chat-turns 0`, a chat (B102): one conversation of `--chat-turns` turns on a
 worker with a 4096-token context, each turn the whole history plus a new ~90-token question,
 each reply 48 tokens; TTFT per turn (client side) with the prompt length and the tokens the
-worker took from its cache (`cached_tokens`). With prefix reuse TTFT stays flat while the
-prompt grows; without it, it would grow with the prompt.
+worker took from its cache (`cached_tokens`), once with each prefix-reuse policy (`any`,
+the CPU default; `chunks`, the GPU default). TTFT follows what is computed, not the prompt.
 
 Output: tables, then as the last line one JSON object with the medians.
 
@@ -262,14 +262,14 @@ def chat_turns(worker: Worker, turns: int) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def running_worker(model: Path, ctx_size: int, threads: int) -> Iterator[Worker]:
+def running_worker(model: Path, ctx_size: int, threads: int, *extra: str) -> Iterator[Worker]:
     port = free_port()
     key = secrets.token_hex(16)
     fd, name = tempfile.mkstemp(prefix=f"rbee-bench-worker-{port}-", suffix=".log")
     args = [
         sys.executable, "-m", "rbee_agent.worker",
         "--worker-id", f"bench-{port}", "--model", str(model), "--port", str(port),
-        "--api-key", key, "--threads", str(threads), "--ctx-size", str(ctx_size),
+        "--api-key", key, "--threads", str(threads), "--ctx-size", str(ctx_size), *extra,
     ]
     with os.fdopen(fd, "wb") as log:
         # Own session: a Ctrl+C reaches only us, and the finally below shuts the worker
@@ -467,15 +467,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.chat_turns > 0:
         model: Path = args.model or bundled_model_path()
-        with running_worker(model, 4096, args.threads) as worker:
-            rows = chat_turns(worker, args.chat_turns)
-        print(f"\nchat: {'turn':>4} {'TTFT ms':>9} {'prompt':>7} {'cached':>7}")
-        for r in rows:
-            print(f"      {r['turn']:>4} {r['ttft_ms']:>9.1f} {r['prompt_tokens']:>7} "
-                  f"{r['cached_tokens']:>7}")
-        result["chat_ttft_ms"] = [r["ttft_ms"] for r in rows]
-        result["chat_prompt_tokens"] = [r["prompt_tokens"] for r in rows]
-        result["chat_cached_tokens"] = [r["cached_tokens"] for r in rows]
+        chats = {}
+        for reuse in ("any", "chunks"):  # the CPU default, and the GPU one
+            with running_worker(model, 4096, args.threads, "--prefix-reuse", reuse) as worker:
+                chats[reuse] = chat_turns(worker, args.chat_turns)
+        print(f"\nchat  {'':>4} {'prefix reuse: any':>26}   {'prefix reuse: chunks':>26}")
+        print(f"chat: {'turn':>4} {'prompt':>7} {'TTFT ms':>9} {'cached':>7}   "
+              f"{'prompt':>7} {'TTFT ms':>9} {'cached':>7}")
+        for a, c in zip(chats["any"], chats["chunks"], strict=True):
+            print(f"      {a['turn']:>4} {a['prompt_tokens']:>7} {a['ttft_ms']:>9.1f} "
+                  f"{a['cached_tokens']:>7}   {c['prompt_tokens']:>7} {c['ttft_ms']:>9.1f} "
+                  f"{c['cached_tokens']:>7}")
+        for reuse, rows in chats.items():
+            result[f"chat_{reuse}_ttft_ms"] = [r["ttft_ms"] for r in rows]
+            result[f"chat_{reuse}_cached_tokens"] = [r["cached_tokens"] for r in rows]
+        result["chat_prompt_tokens"] = [r["prompt_tokens"] for r in chats["any"]]
     print(json.dumps(result))
     return 0
 
