@@ -198,7 +198,15 @@ class Scheduler:
                 self._start(item)
 
     def _start(self, job: Job) -> None:
-        slot, reuse = self._choose_slot(job.prompt)
+        """Give a job a slot; a job that cannot start fails alone, never the others."""
+        free = [s for s in self._slots if not s.busy]
+        if not free:  # the service admits at most one job per slot: a bug if we get here
+            log.error("request %s arrived with every slot taken", job.request_id)
+            self._emit(job, RbeeError(ErrorCode.GENERATION_FAILED,
+                                      "The worker had no free slot for this request",
+                                      hint="Retry the request."))
+            return
+        slot, reuse = self._choose_slot(free, job.prompt)
         try:
             sampler = build_chain(self.model, job.request)
         except RbeeError as err:
@@ -210,12 +218,9 @@ class Scheduler:
         sampler.remember_prompt(job.prompt)
         self._prefilling.append(_Running(job, slot, sampler, reuse))
 
-    def _choose_slot(self, prompt: list[int]) -> tuple[_Slot, int]:
+    def _choose_slot(self, free: list[_Slot], prompt: list[int]) -> tuple[_Slot, int]:
         """The free slot whose kept cells cover most of this prompt; else an empty one; else
         the one unused longest (LRU). Returns it with how many prompt tokens it holds."""
-        free = [s for s in self._slots if not s.busy]
-        if not free:
-            raise RuntimeError("no free slot: the service admitted more jobs than slots")
         limit = len(prompt) - 1  # the last prompt token is always computed (its logits)
         best, best_reuse = None, 0
         for slot in free:
