@@ -61,7 +61,7 @@ from rbee_agent.protocol import (
 )
 from rbee_agent.provision import Plan, split_parts
 from rbee_agent.settings import AgentSettings
-from rbee_agent.worker_launch import LaunchSpec, worker_command, worker_env, worker_queue_depth
+from rbee_agent.worker_launch import LaunchSpec, worker_command, worker_env
 
 log = logging.getLogger("rbee.agent")
 
@@ -267,7 +267,7 @@ class Supervisor:
         worker = ManagedWorker(
             worker_id, model, request.backend, ctx_size=admission.ctx_size,
             slots=admission.slots, placement=admission.placement,
-            queue_depth=worker_queue_depth(self.settings),
+            queue_depth=self.settings.worker_queue_depth,
             log_path=self._worker_log_dir / f"{worker_id}.log",
             lines_kept=self.settings.worker_log_lines_kept,
         )
