@@ -38,6 +38,7 @@ class ErrorCode(StrEnum):
     MODEL_LOADING = "MODEL_LOADING"
     MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
     ALL_SLOTS_BUSY = "ALL_SLOTS_BUSY"
+    QUEUE_FULL = "QUEUE_FULL"
     WORKER_DRAINING = "WORKER_DRAINING"
     GENERATION_FAILED = "GENERATION_FAILED"
     # client side
@@ -99,6 +100,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_LOADING: 503,
     ErrorCode.MODEL_LOAD_FAILED: 503,
     ErrorCode.ALL_SLOTS_BUSY: 503,
+    ErrorCode.QUEUE_FULL: 503,
     ErrorCode.WORKER_DRAINING: 503,
     ErrorCode.GENERATION_FAILED: 500,
     ErrorCode.CONNECTION_FAILED: 502,
@@ -266,6 +268,15 @@ class InferenceRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=16)
     stream: bool = True
     request_id: str | None = Field(default=None, min_length=1, max_length=128)
+    top_k: int = Field(default=40, ge=0, le=1000)  # 0 = off
+    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # GBNF text (llama.cpp's grammar format): sampling only ever picks tokens it allows.
+    grammar: str | None = Field(default=None, min_length=1, max_length=256 * 1024)
+    # When set, token events carry `logprob` and `top_logprobs` (0-20 alternatives).
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="before")
     @classmethod

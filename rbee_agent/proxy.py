@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -18,6 +19,7 @@ import httpx
 from fastapi import Request, Response
 
 from rbee_agent import relay
+from rbee_agent.metrics import StreamMeter
 from rbee_agent.protocol import (
     SSE_DONE,
     ErrorCode,
@@ -44,49 +46,65 @@ def _worker_gone(worker: ManagedWorker, why: str) -> RbeeError:
 
 
 async def proxy_inference(sup: Supervisor, worker: ManagedWorker, request: Request) -> Response:
-    if worker.state == "loading":
-        await sup.wait_ready(worker)
+    started = time.perf_counter()
     body = await request.body()
     request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    upstream = await send_inference(sup, worker, body, request_id)
+    headers = {REQUEST_ID_HEADER: request_id}
+    if not is_event_stream(upstream):
+        payload = await read_reply(worker, upstream)
+        return Response(payload, status_code=upstream.status,
+                        media_type=upstream.headers.get("content-type", ""), headers=headers)
+    meter = request.app.state.metrics.meter(worker.model.id, started)
+    return SSEResponse(stream_frames(worker, upstream, meter), headers=headers)
+
+
+async def send_inference(sup: Supervisor, worker: ManagedWorker, body: bytes, request_id: str
+                         ) -> relay.UpstreamResponse:
+    """POST an inference body to a worker (once it is ready) and return its response head.
+
+    The request counts as in flight on the worker from here: the caller ends it through
+    `read_reply` or `stream_frames`, which close the connection and uncount it.
+    """
+    if worker.state == "loading":
+        await sup.wait_ready(worker)
     headers = {**worker.auth, REQUEST_ID_HEADER: request_id,
                "Content-Type": "application/json"}
     worker.begin_request()
     try:
-        upstream = await relay.post(worker.host, worker.port, "/v1/inference", headers, body)
+        return await relay.post(worker.host, worker.port, "/v1/inference", headers, body)
     except relay.RelayError as exc:
         worker.end_request()
         raise _worker_gone(worker, str(exc)) from None
+
+
+def is_event_stream(upstream: relay.UpstreamResponse) -> bool:
     content_type = upstream.headers.get("content-type", "")
-    if upstream.status != 200 or not content_type.startswith("text/event-stream"):
-        try:
-            payload = await upstream.read()
-        except relay.RelayError as exc:
-            raise _worker_gone(worker, str(exc)) from None
-        finally:
-            await upstream.aclose()
-            worker.end_request()
-        return Response(payload, status_code=upstream.status, media_type=content_type,
-                        headers={REQUEST_ID_HEADER: request_id})
-    return SSEResponse(_relay(worker, upstream), headers={REQUEST_ID_HEADER: request_id})
+    return upstream.status == 200 and content_type.startswith("text/event-stream")
 
 
-async def _relay(worker: ManagedWorker, upstream: relay.UpstreamResponse
-                 ) -> AsyncIterator[bytes]:
-    pending = b""
-    finished = False
+async def read_reply(worker: ManagedWorker, upstream: relay.UpstreamResponse) -> bytes:
+    """The whole body of a reply that is not a token stream (an error, or `stream: false`)."""
     try:
-        async for chunk in upstream.body_chunks():
-            pending += chunk
-            cut = pending.rfind(b"\n\n")
-            if cut < 0:
-                continue
-            frames, pending = pending[: cut + 2], pending[cut + 2 :]
-            finished = finished or frames.endswith(_DONE_FRAME)
+        return await upstream.read()
+    except relay.RelayError as exc:
+        raise _worker_gone(worker, str(exc)) from None
+    finally:
+        await upstream.aclose()
+        worker.end_request()
+
+
+async def stream_frames(worker: ManagedWorker, upstream: relay.UpstreamResponse,
+                        meter: StreamMeter) -> AsyncIterator[bytes]:
+    """The worker's SSE frames as they come (B33); a worker that breaks off mid-stream ends
+    it with an error frame and `[DONE]`. Closing this generator closes the connection,
+    which makes the worker cancel the generation."""
+    try:
+        async for frames in upstream.sse_batches():
+            meter.frames(frames)
             yield frames
             if b'"done":true' in frames:
-                _count_tokens(worker, frames)
-        if not finished:
-            raise relay.RelayError("the stream ended before [DONE]")
+                meter.tokens(_count_tokens(worker, frames))
     except relay.RelayError as exc:
         err = _worker_gone(worker, str(exc))
         log.warning("%s", err.message)
@@ -97,11 +115,15 @@ async def _relay(worker: ManagedWorker, upstream: relay.UpstreamResponse
         worker.end_request()
 
 
-def _count_tokens(worker: ManagedWorker, frames: bytes) -> None:
+def _count_tokens(worker: ManagedWorker, frames: bytes) -> int:
+    """Add the done frame's token total to the worker's count; return it."""
     for line in frames.split(b"\n"):
         if line.startswith(b"data: {") and b'"done":true' in line:
             with contextlib.suppress(ValueError):
-                worker.tokens_served += int(json.loads(line[6:]).get("total_tokens", 0))
+                tokens = int(json.loads(line[6:]).get("total_tokens", 0))
+                worker.tokens_served += tokens
+                return tokens
+    return 0
 
 
 async def proxy_cancel(sup: Supervisor, worker: ManagedWorker, request_id: str) -> None:

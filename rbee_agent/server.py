@@ -22,6 +22,9 @@ from rbee_agent.bundled import register_bundled
 from rbee_agent.catalog import Catalog, owned_file
 from rbee_agent.http_errors import install_error_handlers, parse_body
 from rbee_agent.logs import follow_lines, tail_lines
+from rbee_agent.metrics import AgentMetrics, RequestCounter, route_template
+from rbee_agent.metrics_route import metrics_router
+from rbee_agent.openai.routes import openai_router
 from rbee_agent.protocol import (
     SSE_DONE,
     CatalogEntry,
@@ -77,6 +80,8 @@ def create_app(
     app = FastAPI(title="rbee agent", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.supervisor = supervisor
+    app.state.metrics = AgentMetrics(supervisor)
+    app.add_middleware(RequestCounter, metrics=app.state.metrics, route_of=route_template)
     install_error_handlers(app)
 
     def require_key(request: Request) -> None:
@@ -227,6 +232,8 @@ def create_app(
         return SSEResponse(frames())
 
     app.include_router(api)
+    app.include_router(openai_router(supervisor, settings, require_key))
+    app.include_router(metrics_router(app.state.metrics, settings, require_key))
     return app
 
 

@@ -71,6 +71,10 @@ class AgentSettings(BaseModel):
     download_progress_interval_s: float = Field(default=0.25, gt=0)
     download_speed_window_s: float = Field(default=3.0, gt=0)
     download_jobs_kept: int = Field(default=100, ge=1)  # finished jobs still answerable
+    # OpenAI-compatible API and metrics (B180-B193)
+    openai_default_max_tokens: int = Field(default=1024, ge=1, le=32768)  # when a request
+    # gives none (a prompt too long for it gets what the context has left)
+    metrics_public: bool = False  # GET /metrics without the key, on a loopback agent only
     # logs
     log_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
     log_backups: int = Field(default=3, ge=0)

@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from rbee_agent.model_refs import parse_model_ref
 from rbee_agent.protocol import ChatMessage, ErrorCode, RbeeError
+from rbee_gateway import serve as gateway
 from rbee_tui import local_agent
 from rbee_tui.cli_output import (
     EventPrinter,
@@ -140,6 +141,8 @@ def build_parser() -> Parser:
     logs.add_argument("--worker", default=None)
     logs.add_argument("--follow", "-f", action="store_true")
     logs.add_argument("--lines", "-n", type=int, default=100)
+
+    gateway.add_parser(sub)
     return p
 
 
@@ -559,4 +562,5 @@ HANDLERS: dict[tuple[str, str | None], Handler] = {
     ("models", "download"): cmd_models_download,
     ("models", "rm"): cmd_models_rm,
     ("logs", None): cmd_logs,
+    ("serve", None): gateway.cmd_serve,
 }

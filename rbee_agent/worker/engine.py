@@ -219,6 +219,8 @@ class Engine:
         else:
             assert request.prompt is not None
             tokens = llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=False)
+        if request.grammar is not None:
+            _check_grammar(llm, request.grammar)
         room = self.config.ctx_size - request.max_tokens
         if len(tokens) > room:
             raise RbeeError(
@@ -268,7 +270,10 @@ class Engine:
             index += 1
 
         for token in llm.generate(
-            tokens, temp=request.temperature, top_p=request.top_p, top_k=40, reset=True
+            tokens, temp=request.temperature, top_p=request.top_p, top_k=request.top_k,
+            min_p=request.min_p, repeat_penalty=request.repeat_penalty,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty, grammar=_grammar(request), reset=True,
         ):
             if generation.cancel.is_set():
                 finish = "cancelled"
@@ -297,3 +302,28 @@ class Engine:
                 ttft_ms=round(ttft_ms, 2) if ttft_ms is not None else None,
             )
         )
+
+
+def _grammar(request: InferenceRequest) -> Any:
+    """The request's GBNF grammar for llama-cpp-python's sampler chain, or None."""
+    if request.grammar is None:
+        return None
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    return LlamaGrammar.from_string(request.grammar, verbose=False)
+
+
+def _check_grammar(llm: Any, grammar: str) -> None:
+    """Refuse a grammar llama.cpp cannot parse before the stream starts: a sampler built
+    from one is NULL, which the chain would dereference."""
+    import llama_cpp
+
+    sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode(), b"root")
+    if not sampler:
+        raise RbeeError(
+            ErrorCode.INVALID_REQUEST,
+            "The grammar is not valid GBNF (llama.cpp could not parse it)",
+            hint="Check it with llama.cpp's grammar syntax; the worker log has the parser's "
+            "message.",
+        )
+    llama_cpp.llama_sampler_free(sampler)

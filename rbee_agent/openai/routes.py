@@ -1,0 +1,300 @@
+"""The OpenAI-compatible API of an agent, under `/openai/v1` (B180-B185).
+
+`base_url="http://127.0.0.1:9200/openai/v1"` and the agent's key are all an OpenAI client
+needs. The prefix keeps rbee's own `GET /v1/models` (the catalog, which rbee's operator side
+reads) apart from OpenAI's `GET …/models`, which has another shape; serving both on one path
+would mean guessing the client from its headers.
+
+A request names a model (a catalog name or a model reference). It goes to the least busy
+ready worker serving that model; with none, one is started (the request waits while it
+loads, or downloads first for an `hf:` model) and stays for the next request. Everything
+after that is the native inference path: the same relay to the worker, the same
+cancellation when the client hangs up, the same metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from rbee_agent import resources
+from rbee_agent.disconnect import until_disconnect
+from rbee_agent.model_refs import parse_model_ref
+from rbee_agent.openai.errors import error_headers, from_rbee_body, openai_error, openai_status
+from rbee_agent.openai.translate import (
+    Kind,
+    ReplyCollector,
+    Shape,
+    StreamTranslator,
+    chat_inference,
+    completion_inference,
+    parse,
+)
+from rbee_agent.openai.wire import ChatCompletionRequest, CompletionRequest
+from rbee_agent.protocol import (
+    CatalogEntry,
+    ErrorCode,
+    InferenceRequest,
+    RbeeError,
+    SpawnRequest,
+)
+from rbee_agent.proxy import (
+    REQUEST_ID_HEADER,
+    is_event_stream,
+    read_reply,
+    send_inference,
+    stream_frames,
+)
+from rbee_agent.settings import AgentSettings
+from rbee_agent.sse import SSEResponse
+from rbee_agent.supervisor import ManagedWorker, Supervisor
+
+log = logging.getLogger("rbee.agent")
+
+PREFIX = "/openai/v1"
+_SERVING = ("idle", "busy", "loading")
+_FALLBACK_TO_CPU = (ErrorCode.INSUFFICIENT_VRAM, ErrorCode.BACKEND_UNAVAILABLE,
+                    ErrorCode.DEVICE_NOT_FOUND)
+
+
+def error_response(err: RbeeError) -> JSONResponse:
+    return JSONResponse(openai_error(err), status_code=openai_status(err),
+                        headers=error_headers(err))
+
+
+class OpenAIRoute(APIRoute):
+    """A route whose errors (its key check included) leave in OpenAI's shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RbeeError as err:
+                return error_response(err)
+            except Exception as exc:
+                log.exception("unhandled error on %s %s", request.method, request.url.path)
+                return error_response(RbeeError(
+                    ErrorCode.INTERNAL_ERROR,
+                    f"Internal error on {request.method} {request.url.path}: "
+                    f"{type(exc).__name__}", hint="See the agent log for the traceback"))
+
+        return handle
+
+
+def model_object(entry: CatalogEntry) -> dict[str, Any]:
+    return {"id": entry.id, "object": "model", "created": int(entry.added_at),
+            "owned_by": "rbee"}
+
+
+# --------------------------------------------------------------------------- workers
+
+
+class WorkerPicker:
+    """Finds or starts the worker a request's model runs on."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def worker_for(self, model: str) -> ManagedWorker:
+        resolved = await self._resolve(model)
+        key = resolved.id if isinstance(resolved, CatalogEntry) else resolved.reference
+        # One spawn per model at a time: requests that arrive together share the new worker.
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            worker = self._least_busy(key)
+            if worker is None:
+                worker = await self._spawn(model)
+        return worker
+
+    async def _resolve(self, model: str) -> Any:
+        sup = self.supervisor
+        try:
+            parse_model_ref(model)
+            return await sup.resolve_model(model)
+        except RbeeError as err:
+            if err.code not in (ErrorCode.INVALID_MODEL_REF, ErrorCode.MODEL_NOT_FOUND):
+                raise
+            known = [e.id for e in await asyncio.to_thread(sup.catalog.list)]
+            raise RbeeError(
+                ErrorCode.MODEL_NOT_FOUND,
+                f"The model '{model}' does not exist on this node",
+                hint=f"Models here: {', '.join(known) or 'none'} (GET {PREFIX}/models); or "
+                "name one by reference, e.g. hf:org/repo",
+                details={"param": "model", "model": model},
+            ) from None
+
+    def _least_busy(self, key: str) -> ManagedWorker | None:
+        candidates = [w for w in self.supervisor.workers.values()
+                      if w.state in _SERVING and key in (w.model.id, w.model.reference)]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda w: (w.state == "loading",
+                                              w.active_requests / max(1, w.slots_total)))
+
+    async def _spawn(self, model: str) -> ManagedWorker:
+        sup = self.supervisor
+        gpus = await asyncio.to_thread(resources.gpus)
+        request = SpawnRequest(model_ref=model)
+        if gpus:
+            best = max(gpus, key=lambda g: g.vram_free_mb or 0)
+            try:
+                reply = await sup.spawn(SpawnRequest(model_ref=model, backend="cuda",
+                                                     device=best.index))
+                return sup.get(reply.worker.id)
+            except RbeeError as err:
+                if err.code not in _FALLBACK_TO_CPU:
+                    raise
+                log.info("no room for %s on GPU %d (%s); starting it on the CPU", model,
+                         best.index, err.message)
+        reply = await sup.spawn(request)
+        log.info("started worker %s for an OpenAI request for %s", reply.worker.id, model)
+        return sup.get(reply.worker.id)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class OpenAIService:
+    def __init__(self, supervisor: Supervisor, settings: AgentSettings) -> None:
+        self.supervisor = supervisor
+        self.settings = settings
+        self.picker = WorkerPicker(supervisor)
+
+    async def answer(self, request: Request, kind: Kind) -> Response:
+        started = time.perf_counter()
+        raw = await request.body()
+        default_max = self.settings.openai_default_max_tokens
+        body: ChatCompletionRequest | CompletionRequest
+        if kind == "chat":
+            body = parse(ChatCompletionRequest, raw)
+            inference = chat_inference(body, default_max)
+            given = body.max_tokens is not None or body.max_completion_tokens is not None
+        else:
+            body = parse(CompletionRequest, raw)
+            inference = completion_inference(body, default_max)
+            given = body.max_tokens is not None
+        shape = _shape(request, body, kind, inference)
+        return await self.complete(request, started, shape, body.model, inference, given)
+
+    async def complete(self, request: Request, started: float, shape: Shape, model: str,
+                       inference: InferenceRequest, max_tokens_given: bool) -> Response:
+        request_id = shape.request_id
+        worker = await self.picker.worker_for(model)
+        upstream = await self._send(worker, inference, request_id, max_tokens_given)
+        meter = request.app.state.metrics.meter(worker.model.id, started)
+        frames = stream_frames(worker, upstream, meter)
+        headers = {REQUEST_ID_HEADER: request_id}
+        if shape.stream:
+            return SSEResponse(_openai_stream(frames, StreamTranslator(shape)), headers=headers)
+        body = await until_disconnect(request, _collect(frames, ReplyCollector(shape)))
+        if body is None:
+            return Response(status_code=499)
+        return JSONResponse(body, headers=headers)
+
+    async def _send(self, worker: ManagedWorker, inference: InferenceRequest, request_id: str,
+                    max_tokens_given: bool) -> Any:
+        """The worker's stream; a prompt too long for the default max_tokens is sent again
+        with the room the context has left (OpenAI's default is "until the context ends")."""
+        sup = self.supervisor
+        upstream = await send_inference(sup, worker, inference.model_dump_json().encode(),
+                                        request_id)
+        if is_event_stream(upstream):
+            return upstream
+        err = from_rbee_body(await read_reply(worker, upstream), upstream.status)
+        room = int(err.details.get("ctx_size", 0)) - int(err.details.get("prompt_tokens", 0))
+        if err.code != ErrorCode.PROMPT_TOO_LONG or max_tokens_given or room < 1:
+            raise err
+        retry = inference.model_copy(update={"max_tokens": room})
+        upstream = await send_inference(sup, worker, retry.model_dump_json().encode(),
+                                        request_id)
+        if is_event_stream(upstream):
+            return upstream
+        raise from_rbee_body(await read_reply(worker, upstream), upstream.status)
+
+
+async def _openai_stream(frames: AsyncIterator[bytes], translator: StreamTranslator
+                         ) -> AsyncIterator[bytes]:
+    try:
+        async for batch in frames:
+            out = translator.translate(batch)
+            if out:
+                yield out
+    except RbeeError as err:  # the worker failed mid-stream: the SDK raises APIError on it
+        yield b"data: " + json.dumps(openai_error(err)).encode() + b"\n\ndata: [DONE]\n\n"
+    finally:
+        await frames.aclose()  # type: ignore[attr-defined]
+
+
+async def _collect(frames: AsyncIterator[bytes], collector: ReplyCollector) -> dict[str, Any]:
+    try:
+        async for batch in frames:
+            collector.feed(batch)
+    finally:
+        await frames.aclose()  # type: ignore[attr-defined]
+    return collector.body()
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def openai_router(supervisor: Supervisor, settings: AgentSettings,
+                  require_key: Callable[[Request], None]) -> APIRouter:
+    service = OpenAIService(supervisor, settings)
+    router = APIRouter(prefix=PREFIX, route_class=OpenAIRoute,
+                       dependencies=[Depends(require_key)])
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await service.answer(request, "chat")
+
+    @router.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await service.answer(request, "text")
+
+    @router.get("/models")
+    async def list_models() -> dict[str, Any]:
+        entries = await asyncio.to_thread(supervisor.catalog.list)
+        return {"object": "list", "data": [model_object(e) for e in entries]}
+
+    @router.get("/models/{model:path}")
+    async def get_model(model: str) -> dict[str, Any]:
+        entry = await asyncio.to_thread(supervisor.catalog.get, model)
+        if entry is None:
+            raise RbeeError(ErrorCode.MODEL_NOT_FOUND,
+                            f"The model '{model}' does not exist on this node",
+                            hint=f"GET {PREFIX}/models lists the models here",
+                            details={"param": "model"})
+        return model_object(entry)
+
+    @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                      include_in_schema=False)
+    async def unknown(path: str, request: Request) -> Response:
+        raise RbeeError(ErrorCode.NOT_FOUND,
+                        f"rbee does not serve {request.method} {PREFIX}/{path}",
+                        hint="rbee serves chat/completions, completions and models")
+
+    return router
+
+
+def _shape(request: Request, body: ChatCompletionRequest | CompletionRequest, kind: Kind,
+           inference: InferenceRequest) -> Shape:
+    options = body.stream_options
+    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    return Shape(
+        kind=kind, request_id=request_id,
+        completion_id=("chatcmpl-" if kind == "chat" else "cmpl-") + request_id,
+        created=int(time.time()), model=body.model, stream=bool(body.stream),
+        include_usage=bool(options and options.include_usage),
+        logprobs=inference.top_logprobs is not None,
+    )

@@ -1,0 +1,86 @@
+"""`rbee serve`: start the gateway and print where it is and its key (B186, B187).
+
+The subcommand is registered by `rbee_tui/cli.py` through `add_parser` and `cmd_serve`;
+the web server is imported only when the command runs, so the rest of rbee never needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+
+from rbee_agent.protocol import ErrorCode, RbeeError
+from rbee_tui.config import Config
+from rbee_tui.links import NodeLinks
+
+EXIT_OK = 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    serve = sub.add_parser("serve", help="one OpenAI-compatible endpoint for every node")
+    serve.add_argument("--host", default=None,
+                       help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: 8080)")
+    serve.add_argument("--api-key-file", type=Path, default=None,
+                       help="file holding the key clients must send (default: one generated "
+                       "into the config folder)")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, made here so a taken port is one clear error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RbeeError(ErrorCode.INVALID_CONFIG,
+                        f"Cannot listen on {host}:{port}: {exc.strerror}",
+                        hint="Pick another port with --port, or stop what uses this one.",
+                        details={"host": host, "port": port}) from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def cmd_serve(args: argparse.Namespace, config: Config, links: NodeLinks) -> int:
+    try:
+        import uvicorn
+
+        from rbee_agent.metrics import is_loopback
+        from rbee_gateway.app import Gateway, create_gateway_app
+    except ImportError as exc:
+        raise RbeeError(ErrorCode.INVALID_CONFIG,
+                        f"rbee serve needs the gateway's web server ({exc.name} is missing)",
+                        hint="Install it with: pip install 'rbee[gateway]'") from None
+    from rbee_gateway.keys import load_or_create_key
+    from rbee_gateway.routing import Fleet
+
+    settings = config.settings
+    host = args.host or settings.gateway_host
+    port = args.port or settings.gateway_port
+    if not 1 <= port <= 65535:
+        raise RbeeError(ErrorCode.INVALID_REQUEST, f"--port {port} is not a port",
+                        hint="Use 1-65535, e.g. --port 8080.")
+    key, key_path = load_or_create_key(args.api_key_file)
+    sock = _bind(host, port)
+    gateway = Gateway(Fleet(config, links), key, host)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{sock.getsockname()[1]}/v1"
+    print(f"rbee gateway: {url}", flush=True)
+    print(f"API key: {key}", flush=True)
+    err = sys.stderr
+    print(f"  (key file {key_path}; nodes: {', '.join(config.names())})", file=err)
+    print(f"  OpenAI SDK: OpenAI(base_url=\"{url}\", api_key=\"<the key>\")", file=err)
+    if not is_loopback(host):
+        print(f"  warning: listening on {host}: anyone who can reach this port and has the "
+              "key can use every node; traffic is not encrypted", file=err)
+    print("  Ctrl+C stops it", file=err, flush=True)
+    server = uvicorn.Server(uvicorn.Config(
+        create_gateway_app(gateway), log_level="warning", access_log=False,
+        loop="none", http="httptools", lifespan="on"))
+    await server.serve(sockets=[sock])
+    return EXIT_OK
