@@ -56,7 +56,56 @@ def grammar_for(fmt: ResponseFormat | None) -> str | None:
     return schema_grammar(fmt.json_schema.schema_, f"{_PARAM}.json_schema.schema")
 
 
+# What llama.cpp's converter turns into grammar rules. Anything else that constrains a value
+# (minimum, multipleOf, oneOf's exclusivity, …) it would drop silently, and the reply could
+# then break the schema, so such a schema is refused instead, naming the keyword.
+_ENFORCED = frozenset({
+    "type", "properties", "required", "additionalProperties", "items", "prefixItems",
+    "minItems", "maxItems", "enum", "const", "anyOf", "$ref", "pattern", "format",
+    "minLength", "maxLength", "$defs", "definitions",
+})
+_ANNOTATIONS = frozenset({
+    "title", "description", "examples", "default", "$schema", "$id", "$comment",
+    "deprecated", "readOnly", "writeOnly",
+})
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties")
+
+
+def _unenforceable(schema: Any, path: str) -> tuple[str, str] | None:
+    """The first (keyword, where) the grammar could not enforce, or None."""
+    if not isinstance(schema, dict):
+        return None
+    for keyword in schema:
+        if keyword not in _ENFORCED and keyword not in _ANNOTATIONS:
+            return keyword, path or "the top level"
+    children: list[tuple[Any, str]] = []
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            children += [(sub, f"{path}/{key}/{name}") for name, sub in schema[key].items()]
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            children += [(sub, f"{path}/{key}/{i}") for i, sub in enumerate(schema[key])]
+    children += [(schema[key], f"{path}/{key}") for key in _SUBSCHEMAS if key in schema]
+    for child, where in children:
+        found = _unenforceable(child, where)
+        if found is not None:
+            return found
+    return None
+
+
 def schema_grammar(schema: dict[str, Any], param: str) -> str:
+    found = _unenforceable(schema, "")
+    if found is not None:
+        keyword, where = found
+        raise RbeeError(
+            ErrorCode.INVALID_REQUEST,
+            f"The JSON schema uses '{keyword}' (at {where}), which rbee cannot enforce while "
+            "generating, so the reply could break the schema",
+            hint=f"Leave '{keyword}' out. Enforced: {', '.join(sorted(_ENFORCED))}.",
+            details={"param": param, "keyword": keyword},
+        )
     try:
         grammar = _converter().json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter asserts and raises on what it cannot handle
