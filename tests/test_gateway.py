@@ -169,64 +169,73 @@ def test_b190_gateway_metrics_parse_and_need_the_key(fleet: Any) -> None:
 # ------------------------------------------------------------------ B188
 
 
-def test_b188_failover_when_an_agent_dies(tmp_path: Path) -> None:
+@pytest.fixture
+def warm_a(tmp_path: Path) -> Iterator[tuple[GatewayProc, AgentProc, AgentProc]]:
+    """A gateway over two fresh agents, with a warm worker on the first (`localhost`)."""
     a = start_agent(tmp_path / "a", key="key-a")
     b = start_agent(tmp_path / "b", key="key-b")
     gateway = start_gateway(tmp_path / "rbee", {"localhost": direct(a), "b": direct(b)})
     try:
         worker = a.spawn()
         a.wait_state(worker["id"], "idle")
-        raw = gateway.sdk().completions.with_raw_response.create(
-            model=MODEL, prompt=LONG_PROMPT, max_tokens=1500, temperature=0, stream=True)
-        assert node_of(raw) == "localhost"  # the warm worker
-        stream = raw.parse()
-        with pytest.raises(openai.APIError) as broken:
-            for seen, _ in enumerate(stream):
-                if seen == 3:
-                    a.proc.kill()  # the node dies mid-stream
-        assert "broke off" in broken.value.message
-        after = gateway.sdk().chat.completions.with_raw_response.create(
-            model=MODEL, messages=HELLO, max_tokens=4)
-        assert node_of(after) == "b" and after.parse().choices[0].message.content
-        assert gateway.get("/health").json()["nodes_up"] == ["b"]
-        with pytest.raises(openai.APIError):  # pinned to a node that is down
-            gateway.sdk().chat.completions.create(model=f"{MODEL}@localhost",
-                                                  messages=HELLO, max_tokens=4)
-        # Back when its agent answers again.
-        a.proc.wait()
-        again = start_agent(tmp_path / "a", key="key-a", port=a.port)
-        try:
-            deadline = time.monotonic() + 30
-            while gateway.get("/health").json()["nodes_up"] != ["b", "localhost"]:
-                assert time.monotonic() < deadline, "the node was never marked up again"
-                time.sleep(0.05)
-            pinned = gateway.sdk().chat.completions.with_raw_response.create(
-                model=f"{MODEL}@localhost", messages=HELLO, max_tokens=4)
-            assert node_of(pinned) == "localhost"
-        finally:
-            again.stop()
+        yield gateway, a, b
     finally:
         gateway.stop()
         a.stop()
         b.stop()
 
 
-def test_b188_a_node_that_cannot_be_reached_is_skipped(tmp_path: Path) -> None:
-    a = start_agent(tmp_path / "a", key="key-a")
-    b = start_agent(tmp_path / "b", key="key-b")
-    gateway = start_gateway(tmp_path / "rbee", {"localhost": direct(a), "b": direct(b)})
+def test_b188_failover_when_an_agent_dies(warm_a: Any, tmp_path: Path) -> None:
+    gateway, a, _ = warm_a
+    raw = gateway.sdk().completions.with_raw_response.create(
+        model=MODEL, prompt=LONG_PROMPT, max_tokens=1500, temperature=0, stream=True)
+    assert node_of(raw) == "localhost"  # the warm worker
+    stream = raw.parse()
+    with pytest.raises(openai.APIError) as broken:
+        for seen, _ in enumerate(stream):
+            if seen == 3:
+                a.proc.kill()  # the node dies mid-stream
+    assert "broke off" in broken.value.message
+    after = gateway.sdk().chat.completions.with_raw_response.create(
+        model=MODEL, messages=HELLO, max_tokens=4)
+    assert node_of(after) == "b" and after.parse().choices[0].message.content
+    assert gateway.get("/health").json()["nodes_up"] == ["b"]
+    with pytest.raises(openai.APIError):  # pinned to a node that is down
+        gateway.sdk().chat.completions.create(model=f"{MODEL}@localhost", messages=HELLO,
+                                              max_tokens=4)
+    # Back when its agent answers again.
+    a.proc.wait()
+    again = start_agent(tmp_path / "a", key="key-a", port=a.port)
     try:
-        worker = a.spawn()
-        a.wait_state(worker["id"], "idle")
-        gateway.sdk().models.list()  # the gateway has seen both nodes up
-        a.proc.kill()  # dies between two requests: the next connect is refused
+        deadline = time.monotonic() + 30
+        while gateway.get("/health").json()["nodes_up"] != ["b", "localhost"]:
+            assert time.monotonic() < deadline, "the node was never marked up again"
+            time.sleep(0.05)
+        pinned = gateway.sdk().chat.completions.with_raw_response.create(
+            model=f"{MODEL}@localhost", messages=HELLO, max_tokens=4)
+        assert node_of(pinned) == "localhost"
+    finally:
+        again.stop()
+
+
+def test_b188_a_node_that_cannot_be_reached_is_skipped(warm_a: Any, tmp_path: Path) -> None:
+    _, a, b = warm_a
+    # A gateway that trusts what it saw for a minute: it still believes `localhost` is up
+    # and warm when the request comes, and finds out only by trying it.
+    gateway = start_gateway(tmp_path / "trusting", {"localhost": direct(a), "b": direct(b)},
+                            gateway_state_ttl_s=60.0)
+    try:
+        gateway.sdk().models.list()  # both nodes seen up, `localhost` with a warm worker
+        a.proc.kill()
+        a.proc.wait()
         raw = gateway.sdk().chat.completions.with_raw_response.create(
             model=MODEL, messages=HELLO, max_tokens=4)
         assert node_of(raw) == "b"
+        assert gateway.get("/health").json()["nodes_up"] == ["b"]
+        failed = gateway.metrics()["rbee_gateway_node_up"]
+        assert {s.labels["node"]: s.value for s in failed} == {"localhost": 0.0, "b": 1.0}
     finally:
         gateway.stop()
-        a.stop()
-        b.stop()
 
 
 # ------------------------------------------------------------------ over SSH

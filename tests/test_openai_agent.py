@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +34,6 @@ def sdk(agent: AgentProc, key: str | None = None) -> openai.OpenAI:
                          max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProc]:
-    agent = start_agent(tmp_path_factory.mktemp("openai-agent"))
-    try:
-        yield agent
-    finally:
-        agent.stop()
-
-
 def worker_of(agent: AgentProc) -> dict[str, Any]:
     """The agent's one worker (an OpenAI request starts it if none runs yet)."""
     if not agent.get("/v1/workers").json()["workers"]:
@@ -56,23 +46,23 @@ def worker_of(agent: AgentProc) -> dict[str, Any]:
 # ------------------------------------------------------------------ B180
 
 
-def test_b180_models_in_openai_shape_beside_rbees_catalog(served: AgentProc) -> None:
-    client = sdk(served)
+def test_b180_models_in_openai_shape_beside_rbees_catalog(agent: AgentProc) -> None:
+    client = sdk(agent)
     listed = client.models.list()
     assert [m.id for m in listed] == [MODEL]
     one = client.models.retrieve(MODEL)
     assert (one.id, one.object, one.owned_by) == (MODEL, "model", "rbee")
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
-    native = served.get("/v1/models").json()  # rbee's own route keeps rbee's shape
+    native = agent.get("/v1/models").json()  # rbee's own route keeps rbee's shape
     assert [m["id"] for m in native["models"]] == [MODEL] and "data" not in native
 
 
 # ------------------------------------------------------------------ B181, B182
 
 
-def test_b181_streaming_chat_matches_the_reply_without_streaming(served: AgentProc) -> None:
-    client = sdk(served)
+def test_b181_streaming_chat_matches_the_reply_without_streaming(agent: AgentProc) -> None:
+    client = sdk(agent)
     settings: dict[str, Any] = {"model": MODEL, "messages": HELLO, "max_tokens": 24,
                                 "temperature": 0, "seed": 7}
     reply = client.chat.completions.create(**settings)
@@ -89,11 +79,11 @@ def test_b181_streaming_chat_matches_the_reply_without_streaming(served: AgentPr
     assert usage.completion_tokens == reply.usage.completion_tokens  # type: ignore[union-attr]
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
-    assert worker_of(served)["state"] == "idle"
+    assert worker_of(agent)["state"] == "idle"
 
 
-def test_b181_reply_has_usage_and_the_request_id(served: AgentProc) -> None:
-    raw = sdk(served).chat.completions.with_raw_response.create(
+def test_b181_reply_has_usage_and_the_request_id(agent: AgentProc) -> None:
+    raw = sdk(agent).chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "system", "content": "You answer briefly."}, *HELLO],
         max_tokens=12, extra_headers={"X-Request-Id": "abc123"})
     reply = raw.parse()
@@ -106,8 +96,8 @@ def test_b181_reply_has_usage_and_the_request_id(served: AgentProc) -> None:
     assert reply.usage.prompt_tokens > 5
 
 
-def test_b182_text_completion_streamed_and_not(served: AgentProc) -> None:
-    client = sdk(served)
+def test_b182_text_completion_streamed_and_not(agent: AgentProc) -> None:
+    client = sdk(agent)
     reply = client.completions.create(model=MODEL, prompt="The capital of France is",
                                       max_tokens=8, temperature=0)
     assert reply.object == "text_completion" and reply.choices[0].text
@@ -121,8 +111,8 @@ def test_b182_text_completion_streamed_and_not(served: AgentProc) -> None:
 # ------------------------------------------------------------------ B183
 
 
-def test_b183_json_schema_reply_validates(served: AgentProc) -> None:
-    client = sdk(served)
+def test_b183_json_schema_reply_validates(agent: AgentProc) -> None:
+    client = sdk(agent)
     for seed in (1, 2, 3):
         reply = client.chat.completions.create(
             model=MODEL, max_tokens=200, temperature=0.9, seed=seed,
@@ -133,8 +123,8 @@ def test_b183_json_schema_reply_validates(served: AgentProc) -> None:
         jsonschema.validate(json.loads(reply.choices[0].message.content or ""), PERSON)
 
 
-def test_b183_json_object_reply_parses(served: AgentProc) -> None:
-    reply = sdk(served).chat.completions.create(
+def test_b183_json_object_reply_parses(agent: AgentProc) -> None:
+    reply = sdk(agent).chat.completions.create(
         model=MODEL, max_tokens=200, temperature=0, response_format={"type": "json_object"},
         messages=[{"role": "user", "content": "Return a JSON object with a name and an age."}])
     assert reply.choices[0].finish_reason == "stop"
@@ -144,24 +134,24 @@ def test_b183_json_object_reply_parses(served: AgentProc) -> None:
 # ------------------------------------------------------------------ B184
 
 
-def test_b184_errors_are_the_sdks_exceptions(served: AgentProc) -> None:
+def test_b184_errors_are_the_sdks_exceptions(agent: AgentProc) -> None:
     with pytest.raises(openai.AuthenticationError):
-        sdk(served, key="not-the-key").chat.completions.create(model=MODEL, messages=HELLO)
+        sdk(agent, key="not-the-key").chat.completions.create(model=MODEL, messages=HELLO)
     with pytest.raises(openai.NotFoundError) as missing:
-        sdk(served).chat.completions.create(model="gpt-4o", messages=HELLO)
+        sdk(agent).chat.completions.create(model="gpt-4o", messages=HELLO)
     assert missing.value.code == "model_not_found" and MODEL in missing.value.message
     with pytest.raises(openai.BadRequestError) as many:
-        sdk(served).chat.completions.create(model=MODEL, messages=HELLO, n=3)
+        sdk(agent).chat.completions.create(model=MODEL, messages=HELLO, n=3)
     assert many.value.param == "n" and "one choice" in many.value.message
     with pytest.raises(openai.BadRequestError) as hot:
-        sdk(served).completions.create(model=MODEL, prompt="x", temperature=5)
+        sdk(agent).completions.create(model=MODEL, prompt="x", temperature=5)
     assert hot.value.param == "temperature"
 
 
-def test_b184_error_body_is_exactly_openais_shape(served: AgentProc) -> None:
+def test_b184_error_body_is_exactly_openais_shape(agent: AgentProc) -> None:
     for path, body in (("/openai/v1/chat/completions", {"model": MODEL}),
                        ("/openai/v1/embeddings", {"model": MODEL, "input": "x"})):
-        reply = served.post(path, json=body)
+        reply = agent.post(path, json=body)
         assert reply.status_code in (400, 404)
         assert set(reply.json()) == {"error"}
         assert set(reply.json()["error"]) == {"message", "type", "code", "param"}
@@ -170,19 +160,19 @@ def test_b184_error_body_is_exactly_openais_shape(served: AgentProc) -> None:
 # ------------------------------------------------------------------ B189
 
 
-def test_b189_a_client_that_hangs_up_cancels_the_generation(served: AgentProc) -> None:
-    worker = worker_of(served)
-    stream = sdk(served).completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=1500,
+def test_b189_a_client_that_hangs_up_cancels_the_generation(agent: AgentProc) -> None:
+    worker = worker_of(agent)
+    stream = sdk(agent).completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=1500,
                                             temperature=0, stream=True)
     for seen, _ in enumerate(stream):
         if seen == 3:
             break
     stream.close()  # 1500 tokens would take many seconds; the slot must free at once
     start = time.monotonic()
-    while served.get(f"/v1/workers/{worker['id']}").json()["active_requests"]:
+    while agent.get(f"/v1/workers/{worker['id']}").json()["active_requests"]:
         assert time.monotonic() - start < 2.0, "the worker kept generating for a gone client"
         time.sleep(0.02)
-    served.wait_state(worker["id"], "idle", timeout=2)
+    agent.wait_state(worker["id"], "idle", timeout=2)
 
 
 # ------------------------------------------------------------------ B185, B193
@@ -220,15 +210,15 @@ def test_b185_first_requests_start_one_worker_and_wait_for_it(tmp_path: Path) ->
         agent.stop()
 
 
-def test_b184_a_busy_worker_is_a_retryable_503(served: AgentProc) -> None:
+def test_b184_a_busy_worker_is_a_retryable_503(agent: AgentProc) -> None:
     """All slots busy (and no queue): 503 with Retry-After, which the SDK retries."""
-    worker_of(served)
+    worker_of(agent)
     body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 1500, "temperature": 0}
-    with httpx.stream("POST", f"{served.url}/openai/v1/completions", headers=served.headers,
+    with httpx.stream("POST", f"{agent.url}/openai/v1/completions", headers=agent.headers,
                       json={**body, "stream": True}, timeout=60) as long:
         lines = long.iter_lines()  # keep a reference: a collected generator closes it
         next(lines)  # a token arrived: the one slot is taken
-        second = served.post("/openai/v1/completions", json={**body, "max_tokens": 2})
+        second = agent.post("/openai/v1/completions", json={**body, "max_tokens": 2})
     if second.status_code == 200:  # a worker with a queue (issue 13) serves it in turn
         return
     assert second.status_code == 503, second.text
