@@ -105,6 +105,22 @@ def test_b186_requests_go_to_the_node_with_a_warm_worker(fleet: Any) -> None:
     assert node_of(pinned) == "localhost" and pinned.parse().model == MODEL
 
 
+def test_b189_a_client_leaving_the_gateway_cancels_on_the_worker(fleet: Any) -> None:
+    gateway, a, b = fleet
+    raw = gateway.sdk().completions.with_raw_response.create(
+        model=MODEL, prompt=LONG_PROMPT, max_tokens=1500, temperature=0, stream=True)
+    agent = {"localhost": a, "b": b}[node_of(raw)]
+    stream = raw.parse()
+    for seen, _ in enumerate(stream):
+        if seen == 3:
+            break
+    stream.close()
+    start = time.monotonic()
+    while any(w["active_requests"] for w in agent.get("/v1/workers").json()["workers"]):
+        assert time.monotonic() - start < 2.0, "the worker kept generating for a gone client"
+        time.sleep(0.02)
+
+
 # ------------------------------------------------------------------ B187
 
 

@@ -160,6 +160,15 @@ def test_b184_error_body_is_exactly_openais_shape(agent: AgentProc) -> None:
 # ------------------------------------------------------------------ B189
 
 
+def freed_at_once(agent: AgentProc, worker_id: str) -> None:
+    """1500 tokens take many seconds here; a request whose client left ends at once."""
+    start = time.monotonic()
+    while agent.get(f"/v1/workers/{worker_id}").json()["active_requests"]:
+        assert time.monotonic() - start < 2.0, "the worker kept generating for a gone client"
+        time.sleep(0.02)
+    agent.wait_state(worker_id, "idle", timeout=2)
+
+
 def test_b189_a_client_that_hangs_up_cancels_the_generation(agent: AgentProc) -> None:
     worker = worker_of(agent)
     stream = sdk(agent).completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=1500,
@@ -167,12 +176,12 @@ def test_b189_a_client_that_hangs_up_cancels_the_generation(agent: AgentProc) ->
     for seen, _ in enumerate(stream):
         if seen == 3:
             break
-    stream.close()  # 1500 tokens would take many seconds; the slot must free at once
-    start = time.monotonic()
-    while agent.get(f"/v1/workers/{worker['id']}").json()["active_requests"]:
-        assert time.monotonic() - start < 2.0, "the worker kept generating for a gone client"
-        time.sleep(0.02)
-    agent.wait_state(worker["id"], "idle", timeout=2)
+    stream.close()
+    freed_at_once(agent, worker["id"])
+    with pytest.raises(openai.APITimeoutError):  # not streaming: the client gives up
+        sdk(agent).with_options(timeout=1.0).completions.create(
+            model=MODEL, prompt=LONG_PROMPT, max_tokens=1500, temperature=0)
+    freed_at_once(agent, worker["id"])
 
 
 # ------------------------------------------------------------------ B185, B193
