@@ -1,7 +1,7 @@
 """OpenAI routes (issue 14): what the OpenAI layer and the gateway cost on top of rbee.
 
     .venv/bin/python bench/openai_routes.py [--runs 5] [--tokens 128] [--clients 16]
-                                            [--threads 2] [--slots 4]
+                                            [--threads 2] [--slots 1]
 
 Three ways to the same worker (one agent, one worker, same prompt, greedy, streamed):
 - **native**: `POST /v1/workers/{id}/inference` on the agent (rbee's own protocol);
@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -110,19 +112,35 @@ def _total(batch: bytes) -> int:
     return 0
 
 
-async def single(ways: list[Way], tokens: int, runs: int) -> dict[str, Any]:
+def cpu_s(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
+async def single(ways: list[Way], tokens: int, runs: int, agent_pid: int,
+                 gateway_pid: int) -> dict[str, Any]:
+    """Medians per way, and the CPU the agent and the gateway spent per token: a figure the
+    load of a shared machine does not move the way it moves tok/s."""
     for way in ways:
         await stream_once(way, 16)
     tps: dict[str, list[float]] = {w.name: [] for w in ways}
     ttft: dict[str, list[float]] = {w.name: [] for w in ways}
+    cpu: dict[str, float] = {w.name: 0.0 for w in ways}
     for _ in range(runs):
         for way in ways:
+            before = cpu_s([agent_pid, gateway_pid])
             run = await stream_once(way, tokens)
+            cpu[way.name] += cpu_s([agent_pid, gateway_pid]) - before
             assert run.tokens == tokens, (way.name, run)
             tps[way.name].append(run.tokens / run.total_s)
             ttft[way.name].append(run.ttft_s * 1000)
     return {name: {"tok_s": round(statistics.median(tps[name]), 2),
-                   "ttft_ms": round(statistics.median(ttft[name]), 2)} for name in tps}
+                   "ttft_ms": round(statistics.median(ttft[name]), 2),
+                   "server_cpu_us_per_token": round(cpu[name] / (runs * tokens) * 1e6, 1)}
+            for name in tps}
 
 
 async def concurrent(way: Way, tokens: int, clients: int) -> dict[str, Any]:
@@ -151,7 +169,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--slots", type=int, default=4)
+    p.add_argument("--slots", type=int, default=1)
     args = p.parse_args()
     home = Path(tempfile.mkdtemp(prefix="rbee-bench-openai-"))
     agent = start_agent(home / "agent", **{"worker-threads": str(args.threads),
@@ -162,8 +180,14 @@ def main() -> int:
         worker = agent.spawn()
         agent.wait_state(worker["id"], "idle", timeout=120)
         paths = ways(agent, worker["id"], gateway)
-        one = asyncio.run(single(paths, args.tokens, args.runs))
-        many = {w.name: asyncio.run(concurrent(w, args.tokens, args.clients)) for w in paths}
+        one = asyncio.run(single(paths, args.tokens, args.runs, agent.proc.pid,
+                                 gateway.proc.pid))
+        print(f"single stream: {json.dumps(one)}", flush=True)
+        many = {}
+        for way in paths:
+            many[way.name] = asyncio.run(concurrent(way, args.tokens, args.clients))
+            print(f"{args.clients} clients, {way.name}: {json.dumps(many[way.name])}",
+                  flush=True)
     finally:
         gateway.stop()
         agent.stop()
@@ -180,10 +204,11 @@ def main() -> int:
         "tokens": args.tokens, "runs": args.runs, "threads": args.threads,
         "slots": args.slots, "load_average": [round(x, 2) for x in os.getloadavg()],
     }
-    print(f"{'':14}{'single tok/s':>14}{'TTFT ms':>10}{f'{args.clients} clients tok/s':>20}"
-          f"{'503 retries':>13}")
+    print(f"{'':14}{'single tok/s':>14}{'TTFT ms':>10}{'server CPU µs/tok':>19}"
+          f"{f'{args.clients} clients tok/s':>20}{'503 retries':>13}")
     for name in ("native", "agent_openai", "gateway"):
         print(f"{name:14}{one[name]['tok_s']:>14}{one[name]['ttft_ms']:>10}"
+              f"{one[name]['server_cpu_us_per_token']:>19}"
               f"{many[name]['tok_s']:>20}{many[name]['retries_503']:>13}")
     print(f"agent OpenAI / native: {result['openai_vs_native_single']} single, "
           f"{result['openai_vs_native_clients']} with {args.clients} clients (target ≥ 0.97)")

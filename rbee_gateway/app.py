@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -119,6 +120,15 @@ class GatewayMetrics(StreamMetrics):
 # --------------------------------------------------------------------------- relaying
 
 
+@dataclass(frozen=True)
+class _Call:
+    model: str  # as the agents know it
+    order: list[str]  # nodes to try
+    body: bytes
+    stream: bool
+    wants_usage: bool
+
+
 def _request_fields(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
@@ -169,68 +179,77 @@ class Gateway:
 
     async def forward(self, request: Request, path: str) -> Response:
         started = time.perf_counter()
-        raw = await request.body()
+        call = await self._route(await request.body())
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        state, upstream = await self._send(call, AGENT_PREFIX + path, request_id)
+        self.metrics.routed.labels(state.name, str(upstream.status)).inc()
+        headers = {REQUEST_ID_HEADER: request_id, NODE_HEADER: state.name}
+        headers.update({k: v for k, v in upstream.headers.items() if k in _KEPT_HEADERS})
+        if upstream.status == 200 and call.stream:
+            meter = self.metrics.meter(call.model, started, OPENAI_TOKEN_CHUNK)
+            return SSEResponse(self._frames(state, call, upstream, meter), headers=headers)
+        return await self._whole(request, state, call.model, upstream, headers)
+
+    async def _route(self, raw: bytes) -> _Call:
+        """Where the request goes, and its body as the agents get it: the model without its
+        `@node`, and usage always asked for in a stream (to count tokens; dropped again
+        before the client sees it if the client did not ask)."""
         body = _request_fields(raw)
         model, order = await self.fleet.plan(body["model"])
         stream = bool(body.get("stream"))
-        options = body.get("stream_options") or {}
-        wants_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
+        options = body.get("stream_options")
+        options = options if isinstance(options, dict) else {}
+        wants_usage = stream and bool(options.get("include_usage"))
         if model != body["model"] or (stream and not wants_usage):
             body["model"] = model
-            if stream:  # asked for always, to count tokens; dropped again if not wanted
-                body["stream_options"] = {**(options if isinstance(options, dict) else {}),
-                                          "include_usage": True}
+            if stream:
+                body["stream_options"] = {**options, "include_usage": True}
             raw = json.dumps(body).encode()
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        return _Call(model, order, raw, stream, wants_usage)
+
+    async def _send(self, call: _Call, path: str, request_id: str
+                    ) -> tuple[NodeState, relay.UpstreamResponse]:
+        """The first node, in routing order, that takes the request (B188)."""
         problems: list[str] = []
-        for position, node in enumerate(order):
+        for position, node in enumerate(call.order):
             state = self.fleet.states[node]
-            endpoint = state.endpoint
-            if endpoint is None:
+            if state.endpoint is None:
                 continue
             headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: request_id}
-            if endpoint.api_key:
-                headers["Authorization"] = f"Bearer {endpoint.api_key}"
-            with self.fleet.in_flight(node, model):
+            if state.endpoint.api_key:
+                headers["Authorization"] = f"Bearer {state.endpoint.api_key}"
+            with self.fleet.in_flight(node, call.model):
                 try:
-                    upstream = await relay.post(endpoint.host, endpoint.port,
-                                                AGENT_PREFIX + path, headers, raw)
+                    upstream = await relay.post(state.endpoint.host, state.endpoint.port,
+                                                path, headers, call.body)
                 except relay.RelayError as exc:
                     self.fleet.mark_down(node, str(exc))
                     problems.append(f"{node}: {exc}")
                     continue
-                last = position == len(order) - 1
-                if upstream.status in RETRY_ELSEWHERE and not last:
+                if upstream.status in RETRY_ELSEWHERE and position < len(call.order) - 1:
                     payload = await _read(upstream)
                     problems.append(f"{node}: HTTP {upstream.status}")
                     log.info("node %s answered %d; trying the next node: %s", node,
                              upstream.status, payload[:200])
                     continue
-            self.metrics.routed.labels(node, str(upstream.status)).inc()
-            reply_headers = {REQUEST_ID_HEADER: request_id, NODE_HEADER: node}
-            reply_headers.update({k: v for k, v in upstream.headers.items()
-                                  if k in _KEPT_HEADERS})
-            if upstream.status == 200 and stream:
-                meter = self.metrics.meter(model, started, OPENAI_TOKEN_CHUNK)
-                return SSEResponse(self._frames(state, model, upstream, meter, wants_usage),
-                                   headers=reply_headers)
-            return await self._whole(request, state, model, upstream, reply_headers)
+            return state, upstream
         raise RbeeError(ErrorCode.AGENT_UNREACHABLE,
                         f"No node could take the request ({'; '.join(problems) or 'none'})",
                         hint="See which nodes are up: rbee nodes list; rbee nodes check NAME",
                         details={"retry_after_s": 1})
 
-    async def _frames(self, state: NodeState, model: str, upstream: relay.UpstreamResponse,
-                      meter: StreamMeter, wants_usage: bool) -> AsyncIterator[bytes]:
-        with self.fleet.in_flight(state.name, model):
+    async def _frames(self, state: NodeState, call: _Call, upstream: relay.UpstreamResponse,
+                      meter: StreamMeter) -> AsyncIterator[bytes]:
+        with self.fleet.in_flight(state.name, call.model):
             try:
                 async for batch in upstream.sse_batches():
                     meter.frames(batch)
                     if _USAGE_CHUNK in batch:
                         kept, tokens = _usage(batch)
                         meter.tokens(tokens or 0)
-                        batch = batch if wants_usage else kept
-                    yield batch
+                        batch = batch if call.wants_usage else kept
+                    if batch:
+                        yield batch
             except relay.RelayError as exc:
                 self.fleet.mark_down(state.name, f"broke off a stream: {exc}")
                 err = RbeeError(ErrorCode.STREAM_INTERRUPTED,
