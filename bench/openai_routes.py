@@ -11,8 +11,9 @@ Three ways to the same worker (one agent, one worker, same prompt, greedy, strea
 
 Single stream: runs alternate native, OpenAI, gateway after one warm-up each; medians of tok/s
 (tokens / send → last frame) and TTFT. Then `--clients` concurrent streams per way, one way at a
-time: aggregate tok/s (all tokens / wall time), with 503 answers retried after 50 ms and
-counted (a worker without a queue refuses what its slots cannot take). Targets: agent
+time: aggregate tok/s (all tokens / wall time), with 503 answers retried with backoff (50 ms,
+doubling, at most 0.5 s) and counted (a worker without a queue refuses what its slots cannot
+take). Targets: agent
 OpenAI ≥ 0.97× native; gateway ≥ 0.95× agent OpenAI. The clients read the streams with
 rbee's own lean HTTP reader (`rbee_agent.relay`), so the bench's parsing takes as little as
 possible from the 2 cores the server side shares. The last line is one JSON object.
@@ -78,11 +79,11 @@ async def stream_once(way: Way, tokens: int) -> Run:
     while True:
         started = time.perf_counter()
         upstream = await relay.post(way.host, way.port, way.path, headers, body)
-        if upstream.status == 503:
+        if upstream.status == 503:  # no free slot (and no queue): back off, as the SDK does
             await upstream.read()
             await upstream.aclose()
             retries += 1
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(min(0.5, 0.025 * 2**retries))
             continue
         if upstream.status != 200:
             raise SystemExit(f"{way.name}: HTTP {upstream.status}: {await upstream.read()!r}")
