@@ -6,7 +6,11 @@ header (B38). The agent keeps the database at `<data dir>/catalog.sqlite3`, so i
 restarts.
 
 A `Catalog` is safe to share between threads (the agent calls it via `asyncio.to_thread`):
-one connection, opened with `check_same_thread=False`, guarded by a lock.
+writes go through one connection guarded by a lock; reads use a connection per thread, so a
+write that waits for a lock held by another process never holds up `GET /v1/models` (WAL
+readers do not wait for writers). A write that cannot get the database within
+`busy_timeout_s` is CATALOG_BUSY; a full disk is INSUFFICIENT_DISK; a damaged file is
+CATALOG_CORRUPT (B130) — never a raw sqlite3 error.
 
 This module must never download, copy or delete model files, and never load weights: it
 records files that other code has put in place, and reads only their headers. Hashing a whole
@@ -16,11 +20,13 @@ file is slow on big models, so it happens only when a caller asks for it.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import re
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -67,34 +73,106 @@ def file_sha256(path: Path) -> str:
 
 
 def owned_file(entry: CatalogEntry, models_dir: Path) -> Path | None:
-    """The entry's file when it lies inside `models_dir` (so deleting the model deletes it).
+    """The entry's file when rbee downloaded it into `models_dir` (so deleting the model
+    deletes it).
 
-    Files elsewhere — a bundled model in site-packages, a user's `file:` model — are not rbee's
-    to delete: `None`.
+    Anything else — a bundled model in site-packages, a user's `file:` model, even one the
+    user placed inside the models dir (B131) — is not rbee's to delete: `None`.
     """
+    if entry.provider != "hf":
+        return None
     path = Path(entry.local_path).resolve()
     return path if path.is_relative_to(models_dir.resolve()) else None
+
+
+def sqlite_error(exc: sqlite3.Error, path: Path) -> RbeeError:
+    """A sqlite3 error as the RbeeError a client can act on."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc)
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
+        return RbeeError(
+            ErrorCode.CATALOG_BUSY,
+            f"The model catalog {path} is locked by another process",
+            hint="Try again in a moment; if it stays locked, look for another program "
+            "holding the file (lsof).",
+            details={"path": str(path), "retry_after_s": 1},
+        )
+    if name.startswith("SQLITE_FULL") or "disk is full" in text:
+        return RbeeError(
+            ErrorCode.INSUFFICIENT_DISK,
+            f"The disk holding the model catalog {path} is full",
+            hint="Free some space on that disk (delete unused models: rbee models rm).",
+            details={"path": str(path)},
+        )
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "not a database" in text:
+        return RbeeError(
+            ErrorCode.CATALOG_CORRUPT,
+            f"The model catalog {path} is damaged ({text})",
+            hint="Start the agent with --rebuild-catalog: it keeps the damaged file as a "
+            "backup and rebuilds the catalog from the models directory.",
+            details={"path": str(path)},
+        )
+    return RbeeError(
+        ErrorCode.CATALOG_BUSY,
+        f"The model catalog {path} could not be used: {text}",
+        hint="Check the data directory's permissions and free space, then try again.",
+        details={"path": str(path)},
+    )
 
 
 class Catalog:
     """The model catalog in one SQLite file (WAL mode). Use from any thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float = 5.0) -> None:
         self.path = path
+        self.busy_timeout_s = busy_timeout_s
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(path, check_same_thread=False, timeout=5.0)
-        self._conn.row_factory = sqlite3.Row
-        with self._lock, self._conn:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute(_SCHEMA)
-            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._readers = threading.local()
+        self._all: builtins.list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        try:
+            self._conn = self._connect()
+            with self._lock, self._conn:
+                if self._conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    raise sqlite3.DatabaseError("file is not a database (quick_check failed)")
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute(_SCHEMA)
+                self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            self.close()
+            raise sqlite_error(exc, path) from None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=self.busy_timeout_s)
+        conn.row_factory = sqlite3.Row
+        with self._all_lock:
+            self._all.append(conn)
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._readers, "conn", None)
+        if conn is None:
+            conn = self._readers.conn = self._connect()
+        return conn
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; sqlite3 errors come out as RbeeErrors."""
+        try:
+            with self._lock, self._conn:
+                yield self._conn
+        except sqlite3.Error as exc:
+            raise sqlite_error(exc, self.path) from None
 
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     def __enter__(self) -> Catalog:
         return self
@@ -120,9 +198,9 @@ class Catalog:
             clash = same_id or (same_ref if same_ref and same_ref.id != entry.id else None)
             if clash is not None:
                 raise _already_exists(entry, clash)
-            with self._conn:  # one transaction: a replaced row is never lost half-way
-                self._conn.execute("DELETE FROM models WHERE id = ?", (entry.id,))
-                self._conn.execute(_INSERT, entry.model_dump())
+            with self._writing() as conn:  # one transaction: a replaced row is never half-lost
+                conn.execute("DELETE FROM models WHERE id = ?", (entry.id,))
+                conn.execute(_INSERT, entry.model_dump())
         return entry
 
     def get(self, model_id: str) -> CatalogEntry | None:
@@ -145,17 +223,15 @@ class Catalog:
         return self._one("SELECT * FROM models WHERE reference = ?", reference)
 
     def list(self) -> builtins.list[CatalogEntry]:
-        with self._lock:
-            rows = self._conn.execute("SELECT * FROM models ORDER BY id").fetchall()
-        return [_entry(row) for row in rows]
+        return [_entry(row) for row in self._read("SELECT * FROM models ORDER BY id")]
 
     def remove(self, model_id: str) -> CatalogEntry | None:
         """Delete the row (not the file; see `owned_file`). The removed entry, or None."""
         with self._lock:
             entry = self.get(model_id)
             if entry is not None:
-                with self._conn:
-                    self._conn.execute("DELETE FROM models WHERE id = ?", (model_id,))
+                with self._writing() as conn:
+                    conn.execute("DELETE FROM models WHERE id = ?", (model_id,))
         return entry
 
     def unique_id(self, base: str) -> str:
@@ -225,10 +301,15 @@ class Catalog:
 
     # ------------------------------------------------------------------ internals
 
+    def _read(self, sql: str, *args: str) -> builtins.list[sqlite3.Row]:
+        try:
+            return self._reader().execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise sqlite_error(exc, self.path) from None
+
     def _one(self, sql: str, value: str) -> CatalogEntry | None:
-        with self._lock:
-            row = self._conn.execute(sql, (value,)).fetchone()
-        return None if row is None else _entry(row)
+        rows = self._read(sql, value)
+        return _entry(rows[0]) if rows else None
 
 
 def _entry(row: sqlite3.Row) -> CatalogEntry:

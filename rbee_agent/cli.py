@@ -1,7 +1,10 @@
 """`rbee-agent serve`: run the node daemon until SIGTERM/SIGINT, then stop workers, exit 0.
 
-A bad setting or config file ends the process before it binds, with one line on stderr
-naming the problem (exit 1); `--debug` shows tracebacks.
+Start-up touches nothing shared before it owns it (B130): it binds its port first (a taken
+port ends the process with exit 1, naming the owner when it can be seen), then locks its data
+dir (a second agent on the same data dir exits 1 naming the first one's pid), and only then
+opens its log file and the catalog. A bad setting, config file or damaged catalog is one line
+on stderr with a hint and exit 1; `--debug` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import logging
 import logging.handlers
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ from rbee_agent import __version__
 from rbee_agent.loop import run as run_loop
 from rbee_agent.protocol import RbeeError
 from rbee_agent.settings import AgentSettings, add_setting_flags, load_settings
+from rbee_agent.startup import DataDirLock, bind_listener
 
 log = logging.getLogger("rbee.agent")
 
@@ -35,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="file holding the bearer key (else $RBEE_AGENT_API_KEY, else the "
                        "config file's api_key, generated on first start)")
     serve.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    serve.add_argument("--rebuild-catalog", action="store_true",
+                       help="before serving, rebuild the model catalog from the models dir "
+                       "(a damaged catalog file is kept as a backup)")
     add_setting_flags(serve)
     return parser
 
@@ -54,6 +62,12 @@ def setup_logging(settings: AgentSettings, debug: bool) -> None:
         root.addHandler(handler)
 
 
+def _fail(err: RbeeError) -> int:
+    print(f"rbee-agent: error: {err.message}" + (f"\nHint: {err.hint}" if err.hint else ""),
+          file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides: dict[str, Any] = {
@@ -62,24 +76,41 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         settings, config_path = load_settings(args.config, overrides, args.api_key_file)
+        listener = bind_listener(settings.host, settings.port)
     except RbeeError as err:
-        print(f"rbee-agent: error: {err.message}" + (f"\nHint: {err.hint}" if err.hint else ""),
-              file=sys.stderr)
-        return 1
-    setup_logging(settings, args.debug)
-    log.info("settings from %s", config_path)
-    return run_loop(serve(settings))
+        return _fail(err)
+    try:
+        with DataDirLock(settings.data_dir):
+            setup_logging(settings, args.debug)
+            log.info("settings from %s", config_path)
+            catalog = _open_catalog(settings, args.rebuild_catalog)
+            return run_loop(serve(settings, listener, catalog))
+    except RbeeError as err:
+        if args.debug:
+            raise
+        return _fail(err)
+    finally:
+        listener.close()
 
 
-async def serve(settings: AgentSettings) -> int:
+def _open_catalog(settings: AgentSettings, rebuild: bool) -> Any:
+    from rbee_agent.catalog_repair import open_catalog, rebuild_catalog
+
+    timeout = settings.catalog_busy_timeout_s
+    if rebuild:
+        ids = rebuild_catalog(settings.catalog_path, settings.models_path, timeout)
+        log.info("catalog rebuilt from %s: %d model(s): %s", settings.models_path, len(ids),
+                 ", ".join(ids) or "none")
+    return open_catalog(settings.catalog_path, timeout)
+
+
+async def serve(settings: AgentSettings, listener: socket.socket, catalog: Any) -> int:
     import uvicorn
 
-    from rbee_agent.catalog import Catalog
+    from rbee_agent.edge import fit_open_files, guarded_protocol
     from rbee_agent.server import create_app
     from rbee_agent.supervisor import Supervisor
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    catalog = Catalog(settings.catalog_path)
     server: uvicorn.Server | None = None
     stopping: set[asyncio.Task[None]] = set()
 
@@ -102,12 +133,14 @@ async def serve(settings: AgentSettings) -> int:
             loop.add_signal_handler(sig, on_signal)
 
     app = create_app(settings, catalog, on_startup=install_signals)
+    connections = fit_open_files(settings.max_connections)
     server = uvicorn.Server(uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-        timeout_graceful_shutdown=1, lifespan="on",
+        app, log_level="warning", access_log=False, timeout_graceful_shutdown=1,
+        lifespan="on", http=guarded_protocol(settings.header_timeout_s, connections),
+        timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
     ))
     try:
-        await server.serve()
+        await server.serve(sockets=[listener])
     finally:
         catalog.close()
     return 0 if server.started else 1

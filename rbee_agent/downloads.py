@@ -102,6 +102,7 @@ class Download:
         self.bytes_downloaded = 0
         self.file = plan.files[0].path if plan else None
         self.attempt = 1
+        self.note: str | None = None
         self.progress = _broadcast(DownloadProgress(
             stage="downloading", job_id=job_id, model_ref=model_ref,
             bytes_total=plan.total if plan else 0,
@@ -147,6 +148,7 @@ class Download:
         self.progress.publish(self.progress.value.model_copy(update={
             "bytes_downloaded": self.bytes_downloaded, "file": self.file,
             "attempt": self.attempt, "speed_mbps": self.meter.speed_mbps(),
+            "note": self.note,
         }))
 
     def complete(self, entry: CatalogEntry) -> None:
@@ -340,8 +342,9 @@ class DownloadManager:
                 self.bytes_received += received
                 job.on_bytes(base + file_bytes, received)
 
-            def on_attempt(attempt: int, problem: str) -> None:
+            def on_attempt(attempt: int, note: str) -> None:
                 job.attempt = attempt
+                job.note = note
                 job.publish()
 
             job.file = planned.path

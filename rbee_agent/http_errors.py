@@ -2,6 +2,12 @@
 
 FastAPI answers validation errors with its own 422 body and unknown routes with
 `{"detail": ...}`; both are replaced here so clients parse exactly one error format.
+
+An unexpected exception is logged once, with its traceback, under the `rbee` logger (so it
+lands in the process's log file that the error body points to, B133), and answered with
+INTERNAL_ERROR by `CatchAll`, which, unlike Starlette's last-resort handler, does not raise
+it again for the server to print a second time. A client that hangs up while its body is
+being read is no error at all: it is answered (to no one) without a traceback.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rbee_agent.protocol import ErrorCode, RbeeError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("rbee.http")
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -91,12 +99,41 @@ def install_error_handlers(app: FastAPI) -> None:
             err = RbeeError(ErrorCode.INVALID_REQUEST, str(exc.detail))
         return error_response(err, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        err = RbeeError(
-            ErrorCode.INTERNAL_ERROR,
-            f"Internal error on {request.method} {request.url.path}: {type(exc).__name__}",
-            hint="See the process log for the traceback.",
-        )
-        return error_response(err)
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _: ClientDisconnect) -> JSONResponse:
+        log.debug("client left during %s %s", request.method, request.url.path)
+        return error_response(RbeeError(ErrorCode.CANCELLED, "The client went away"))
+
+    app.add_middleware(CatchAll)
+
+
+class CatchAll:
+    """The last resort: an exception no handler took becomes one logged INTERNAL_ERROR."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            method, path = scope.get("method", "?"), scope.get("path", "?")
+            log.exception("unhandled error on %s %s", method, path)
+            if started:
+                return  # the reply is under way; the connection ends here
+            err = RbeeError(
+                ErrorCode.INTERNAL_ERROR,
+                f"Internal error on {method} {path}: {type(exc).__name__}",
+                hint="See the process log for the traceback (rbee logs --node NAME).",
+            )
+            await error_response(err)(scope, receive, send)

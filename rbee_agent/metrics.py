@@ -195,9 +195,9 @@ class AgentCollector(Collector):
                                      labels=["worker", "model"])
         for w in workers:
             labels = [w.id, w.model.id]
-            busy.add_metric(labels, min(w.active_requests, w.slots_total))
+            busy.add_metric(labels, min(w.in_flight, w.slots_total))
             total.add_metric(labels, w.slots_total)
-            queued.add_metric(labels, max(0, w.active_requests - w.slots_total))
+            queued.add_metric(labels, max(0, w.in_flight - w.slots_total))
             served.add_metric(labels, w.tokens_served)
         yield from (busy, total, queued, served)
         used = GaugeMetricFamily("rbee_gpu_vram_used_bytes", "VRAM in use per GPU",

@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 from fastapi import APIRouter, Request, Response
 
+from rbee_agent.auth import check_bearer
 from rbee_agent.metrics import CONTENT_TYPE, StreamMetrics, metrics_open
 from rbee_agent.settings import AgentSettings
 
 log = logging.getLogger("rbee.agent")
 
 
-def metrics_router(metrics: StreamMetrics, settings: AgentSettings,
-                   require_key: Callable[[Request], None]) -> APIRouter:
+def metrics_router(metrics: StreamMetrics, settings: AgentSettings) -> APIRouter:
     router = APIRouter()
     public = metrics_open(settings.metrics_public, settings.host)
     if settings.metrics_public and not public:
@@ -27,7 +26,8 @@ def metrics_router(metrics: StreamMetrics, settings: AgentSettings,
     @router.get("/metrics")
     async def metrics_text(request: Request) -> Response:
         if not public:
-            require_key(request)
+            assert settings.api_key is not None
+            check_bearer(request, settings.api_key)
         # A thread: collecting asks NVML, which blocks.
         return Response(await asyncio.to_thread(metrics.render), media_type=CONTENT_TYPE)
 

@@ -11,12 +11,15 @@ node side both load it, and neither may drag the other's dependencies in.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 API_VERSION = "1"
+REQUEST_ID_HEADER = "X-Request-Id"
+"""The header that carries an inference request's id, both ways (client, agent, worker)."""
 
 # --------------------------------------------------------------------------- errors
 
@@ -70,6 +73,10 @@ class ErrorCode(StrEnum):
     WORKER_CRASHED = "WORKER_CRASHED"
     LOADING_TIMEOUT = "LOADING_TIMEOUT"
     AGENT_SHUTTING_DOWN = "AGENT_SHUTTING_DOWN"
+    CATALOG_BUSY = "CATALOG_BUSY"
+    CATALOG_CORRUPT = "CATALOG_CORRUPT"
+    DATA_DIR_LOCKED = "DATA_DIR_LOCKED"
+    PORT_IN_USE = "PORT_IN_USE"
     # operator side (B01-B13, B50-B57)
     NODE_NOT_FOUND = "NODE_NOT_FOUND"
     NODE_EXISTS = "NODE_EXISTS"
@@ -128,6 +135,10 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.WORKER_CRASHED: 502,
     ErrorCode.LOADING_TIMEOUT: 504,
     ErrorCode.AGENT_SHUTTING_DOWN: 503,
+    ErrorCode.CATALOG_BUSY: 503,
+    ErrorCode.CATALOG_CORRUPT: 503,
+    ErrorCode.DATA_DIR_LOCKED: 409,
+    ErrorCode.PORT_IN_USE: 409,
     ErrorCode.NODE_NOT_FOUND: 404,
     ErrorCode.NODE_EXISTS: 409,
     ErrorCode.SSH_KEY_MISSING: 400,
@@ -207,6 +218,8 @@ WorkerState = Literal["loading", "idle", "busy", "draining", "stopping", "failed
 Backend = Literal["cpu", "cuda", "metal"]
 BACKENDS: tuple[str, ...] = ("cpu", "cuda", "metal")
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+# A request id travels in a URL path and an HTTP header: printable ASCII without separators.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 
 class HealthReply(BaseModel):
@@ -217,6 +230,8 @@ class HealthReply(BaseModel):
     state: WorkerState | None = None
     slots_total: int | None = None
     slots_busy: int | None = None
+    queued: int | None = None
+    queue_depth: int | None = None
     tokens_served: int | None = None
 
 
@@ -267,7 +282,8 @@ class InferenceRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16)
     stream: bool = True
-    request_id: str | None = Field(default=None, min_length=1, max_length=128)
+    request_id: str | None = Field(default=None, min_length=1, max_length=128,
+                                   pattern=REQUEST_ID_PATTERN)
     top_k: int = Field(default=40, ge=0, le=1000)  # 0 = off
     min_p: float = Field(default=0.05, ge=0.0, le=1.0)
     repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
@@ -307,6 +323,13 @@ class DoneEvent(BaseModel):
     request_id: str
     prompt_tokens: int = 0
     ttft_ms: float | None = None
+
+
+class QueuedEvent(BaseModel):
+    """Sent while a request waits in the worker's queue, before its first token:
+    `queued` requests are ahead of this one."""
+
+    queued: int
 
 
 class StreamErrorEvent(BaseModel):
@@ -354,6 +377,24 @@ def sse_frame(payload: BaseModel | str) -> bytes:
     """One SSE frame, `data: <json>\\n\\n`; JSON is compact and on one line by construction."""
     data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=True)
     return f"data: {data}\n\n".encode()
+
+
+async def iter_sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The `data` of each event in a stream of SSE lines (as `httpx.Response.aiter_lines()`
+    gives them): `data:` lines of one event joined with newlines, comments and other fields
+    skipped, an event ending at a blank line. The one SSE reader of both sides."""
+    data: list[str] = []
+    async for line in lines:
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        field, _, value = line.partition(":")
+        if field == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+    if data:
+        yield "\n".join(data)
 
 
 def parse_sse_data(data: str) -> dict[str, Any] | None:
@@ -415,6 +456,12 @@ class NodeInfo(BaseModel):
     backends: list[Backend]
     gpus: list[GpuInfo] = Field(default_factory=list)
     nvidia_driver: str | None = None
+    # Who answers (so the operator can tell this agent from another on the same port), and
+    # whether this node's llama.cpp can offload to a GPU at all.
+    agent_pid: int | None = None
+    agent_instance_id: str | None = None
+    agent_started_at: float | None = None
+    gpu_offload: bool | None = None
 
 
 # --------------------------------------------------------------------------- models (B35)
@@ -454,9 +501,27 @@ class SpawnRequest(BaseModel):
 
     model_ref: str = Field(min_length=1, max_length=2048)
     backend: str = "cpu"
-    device: int = Field(default=0, ge=0, le=63)
+    # None: cpu → 0; cuda → the GPU with the most free VRAM that fits (B126).
+    device: int | None = Field(default=None, ge=0, le=63)
     ctx_size: int | None = Field(default=None, ge=16, le=1_048_576)
     slots: int | None = Field(default=None, ge=1, le=64)
+    # Layers on the GPU: N, -1 for all, "auto" for as many as fit (the rest on the CPU).
+    gpu_layers: int | Literal["auto"] | None = None
+    # Several GPUs of this node for one model (llama.cpp's tensor split), instead of device.
+    devices: list[int] | None = Field(default=None, min_length=1, max_length=16)
+    # Start another worker even when an idle or starting one could be handed back (B122).
+    new: bool = False
+
+    @model_validator(mode="after")
+    def _check_gpu_fields(self) -> SpawnRequest:
+        if isinstance(self.gpu_layers, int) and self.gpu_layers < -1:
+            raise ValueError("gpu_layers is a layer count, -1 (all) or 'auto'")
+        if self.devices is not None:
+            if len(set(self.devices)) != len(self.devices) or min(self.devices) < 0:
+                raise ValueError("devices must be distinct GPU indexes")
+            if self.device is not None and self.device not in self.devices:
+                raise ValueError("give devices or device, not both")
+        return self
 
 
 class WorkerInfo(BaseModel):
@@ -480,6 +545,13 @@ class WorkerInfo(BaseModel):
     layers_loaded: int = 0
     layers_total: int = 0
     active_requests: int = 0
+    queued: int = 0
+    gpu_layers: int | None = None
+    devices: list[int] = Field(default_factory=list)
+    ctx_size: int | None = None
+    queue_depth: int | None = None
+    # Why a worker is `failed` (kept for a while after it failed to start, B127).
+    error: ErrorDetail | None = None
 
 
 class SpawnReply(BaseModel):
@@ -538,6 +610,8 @@ class DownloadProgress(BaseModel):
     speed_mbps: float = 0.0
     file: str | None = None
     attempt: int = 1
+    # A retry, resume or checksum mismatch, as one line for people (B128).
+    note: str | None = None
     local_path: str | None = None
     model_id: str | None = None
     error: ErrorDetail | None = None

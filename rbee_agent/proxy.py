@@ -1,39 +1,55 @@
 """Inference through the agent (B33): the worker's SSE stream, relayed frame by frame.
 
+Before anything reaches the worker, the agent checks what is cheap to check (B124, B125):
+the body must be a valid `InferenceRequest` (its `request_id`, when given, is the id the
+request is known and cancelled by), and the worker must have room — a place in a slot or in
+its queue, by the agent's own count of the requests it has forwarded. A request with no room
+is answered here (QUEUE_FULL, or ALL_SLOTS_BUSY for a worker without a queue, with
+`Retry-After`), so a rejection costs the worker nothing.
+
 Each complete frame is forwarded the moment it arrives (no added buffering; a frame split
-across TCP reads is joined first so the client never sees half a frame). A client that goes
-away closes the upstream connection, which makes the worker cancel the generation. A
-worker that dies mid-stream ends the client's stream with an error frame and `[DONE]`.
+across TCP reads is joined first so the client never sees half a frame); only the final
+frame is decoded, as a `DoneEvent`, to count tokens. A client that goes away closes the
+upstream connection, which makes the worker cancel the generation. A worker that dies
+mid-stream, or does not start answering in time, ends the client's request with an error.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import httpx
 from fastapi import Request, Response
+from pydantic import ValidationError
 
 from rbee_agent import relay
+from rbee_agent.http_errors import error_response, parse_body
+from rbee_agent.managed_worker import ManagedWorker
 from rbee_agent.metrics import StreamMeter
 from rbee_agent.protocol import (
+    REQUEST_ID_PATTERN,
     SSE_DONE,
+    DoneEvent,
     ErrorCode,
+    InferenceRequest,
     RbeeError,
     StreamErrorEvent,
     sse_frame,
 )
 from rbee_agent.sse import SSEResponse
-from rbee_agent.supervisor import ManagedWorker, Supervisor
+from rbee_agent.supervisor import Supervisor
 
 log = logging.getLogger("rbee.agent")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _DONE_FRAME = sse_frame(SSE_DONE)
+_DONE_MARK = b'"done":true'
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 
 def _worker_gone(worker: ManagedWorker, why: str) -> RbeeError:
@@ -45,65 +61,130 @@ def _worker_gone(worker: ManagedWorker, why: str) -> RbeeError:
     )
 
 
+def _request_id(request: Request, body: InferenceRequest) -> str:
+    """The body's id, else the header's, else a new one; a bad header id is refused."""
+    if body.request_id is not None:
+        return body.request_id
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given is None:
+        return uuid.uuid4().hex
+    if not _REQUEST_ID.fullmatch(given):
+        raise RbeeError(
+            ErrorCode.INVALID_REQUEST,
+            f"The {REQUEST_ID_HEADER} header is not a usable request id",
+            hint=f"Use up to 128 letters, digits, '.', '_', ':' or '-' ({REQUEST_ID_PATTERN}).",
+        )
+    return given
+
+
+def _no_room(worker: ManagedWorker) -> RbeeError:
+    retry = worker.retry_after_s()
+    details = {"slots_total": worker.slots_total, "slots_busy": worker.slots_total,
+               "retry_after_s": retry}
+    if worker.queue_depth > 0:
+        return RbeeError(
+            ErrorCode.QUEUE_FULL,
+            f"Worker {worker.id} is busy and its queue is full ({worker.queue_depth} waiting)",
+            hint=f"Retry in {retry} s, or spawn another worker for this model.",
+            details={**details, "queued": worker.queue_depth,
+                     "queue_depth": worker.queue_depth},
+        )
+    return RbeeError(
+        ErrorCode.ALL_SLOTS_BUSY,
+        f"All {worker.slots_total} slot(s) of worker {worker.id} are busy",
+        hint=f"Retry in {retry} s, spawn with more slots, or spawn another worker.",
+        details=details,
+    )
+
+
 async def proxy_inference(sup: Supervisor, worker: ManagedWorker, request: Request) -> Response:
-    started = time.perf_counter()
+    arrived = time.perf_counter()
     body = await request.body()
-    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-    upstream = await send_inference(sup, worker, body, request_id)
-    headers = {REQUEST_ID_HEADER: request_id}
-    if not is_event_stream(upstream):
-        payload = await read_reply(worker, upstream)
-        return Response(payload, status_code=upstream.status,
-                        media_type=upstream.headers.get("content-type", ""), headers=headers)
-    meter = request.app.state.metrics.meter(worker.model.id, started)
-    return SSEResponse(stream_frames(worker, upstream, meter), headers=headers)
+    parsed = await parse_body(request, InferenceRequest)
+    request_id = _request_id(request, parsed)
+    try:
+        upstream = await send_inference(sup, worker, parsed, body, request_id)
+    except RbeeError as err:
+        if err.code not in (ErrorCode.QUEUE_FULL, ErrorCode.ALL_SLOTS_BUSY):
+            raise
+        return error_response(err, headers={"Retry-After": str(err.details["retry_after_s"]),
+                                            REQUEST_ID_HEADER: request_id})
+    if not upstream.is_event_stream:
+        payload = await read_reply(upstream)
+        extra = {k: v for k, v in upstream.response.headers.items() if k == "retry-after"}
+        return Response(payload, status_code=upstream.response.status,
+                        media_type=upstream.response.headers.get("content-type", ""),
+                        headers={REQUEST_ID_HEADER: request_id, **extra})
+    meter = request.app.state.metrics.meter(worker.model.id, arrived)
+    return SSEResponse(stream_frames(upstream, meter), headers={REQUEST_ID_HEADER: request_id})
 
 
-async def send_inference(sup: Supervisor, worker: ManagedWorker, body: bytes, request_id: str
-                         ) -> relay.UpstreamResponse:
-    """POST an inference body to a worker (once it is ready) and return its response head.
+@dataclass
+class Upstream:
+    """A request in flight on a worker: its reply, and what ends it (`read_reply` or
+    `stream_frames`, which close the connection and uncount the request)."""
 
-    The request counts as in flight on the worker from here: the caller ends it through
-    `read_reply` or `stream_frames`, which close the connection and uncount it.
-    """
+    worker: ManagedWorker
+    response: relay.UpstreamResponse
+    started: float  # from worker.begin_request()
+    wait_s: float
+
+    @property
+    def is_event_stream(self) -> bool:
+        content_type = self.response.headers.get("content-type", "")
+        return self.response.status == 200 and content_type.startswith("text/event-stream")
+
+
+async def send_inference(sup: Supervisor, worker: ManagedWorker, parsed: InferenceRequest,
+                         body: bytes, request_id: str) -> Upstream:
+    """Send a request to a worker once it is ready and has room (B124, B125), and return
+    the head of its reply. Shared by rbee's own route and the OpenAI routes."""
     if worker.state == "loading":
         await sup.wait_ready(worker)
+    if worker.state == "failed" and worker.failure is not None:
+        raise worker.failure
+    if worker.state in ("failed", "stopping", "draining") or worker.exited.is_set():
+        raise RbeeError(ErrorCode.WORKER_DRAINING, f"Worker {worker.id} is {worker.state}",
+                        hint="Spawn a worker for the model again.",
+                        details={"worker_id": worker.id, "state": worker.state})
+    if worker.in_flight >= worker.capacity:
+        raise _no_room(worker)
     headers = {**worker.auth, REQUEST_ID_HEADER: request_id,
                "Content-Type": "application/json"}
-    worker.begin_request()
+    settings = sup.settings
+    wait_s = settings.worker_headers_timeout_s if parsed.stream else \
+        settings.worker_result_timeout_s
+    started = worker.begin_request()
     try:
-        return await relay.post(worker.host, worker.port, "/v1/inference", headers, body)
+        response = await relay.post(worker.host, worker.port, "/v1/inference", headers, body,
+                                    headers_timeout_s=wait_s)
     except relay.RelayError as exc:
-        worker.end_request()
+        worker.end_request(started)
         raise _worker_gone(worker, str(exc)) from None
+    return Upstream(worker, response, started, wait_s)
 
 
-def is_event_stream(upstream: relay.UpstreamResponse) -> bool:
-    content_type = upstream.headers.get("content-type", "")
-    return upstream.status == 200 and content_type.startswith("text/event-stream")
-
-
-async def read_reply(worker: ManagedWorker, upstream: relay.UpstreamResponse) -> bytes:
+async def read_reply(upstream: Upstream) -> bytes:
     """The whole body of a reply that is not a token stream (an error, or `stream: false`)."""
     try:
-        return await upstream.read()
+        return await upstream.response.read(timeout_s=upstream.wait_s)
     except relay.RelayError as exc:
-        raise _worker_gone(worker, str(exc)) from None
+        raise _worker_gone(upstream.worker, str(exc)) from None
     finally:
-        await upstream.aclose()
-        worker.end_request()
+        await upstream.response.aclose()
+        upstream.worker.end_request(upstream.started)
 
 
-async def stream_frames(worker: ManagedWorker, upstream: relay.UpstreamResponse,
-                        meter: StreamMeter) -> AsyncIterator[bytes]:
+async def stream_frames(upstream: Upstream, meter: StreamMeter) -> AsyncIterator[bytes]:
     """The worker's SSE frames as they come (B33); a worker that breaks off mid-stream ends
     it with an error frame and `[DONE]`. Closing this generator closes the connection,
     which makes the worker cancel the generation."""
+    worker = upstream.worker
     try:
-        async for frames in upstream.sse_batches():
+        async for frames in upstream.response.sse_batches():
             meter.frames(frames)
             yield frames
-            if b'"done":true' in frames:
+            if _DONE_MARK in frames:
                 meter.tokens(_count_tokens(worker, frames))
     except relay.RelayError as exc:
         err = _worker_gone(worker, str(exc))
@@ -111,18 +192,21 @@ async def stream_frames(worker: ManagedWorker, upstream: relay.UpstreamResponse,
         yield sse_frame(StreamErrorEvent(error=err.to_body().error))
         yield _DONE_FRAME
     finally:
-        await upstream.aclose()
-        worker.end_request()
+        await upstream.response.aclose()
+        worker.end_request(upstream.started)
 
 
 def _count_tokens(worker: ManagedWorker, frames: bytes) -> int:
-    """Add the done frame's token total to the worker's count; return it."""
+    """Decode the final frame (the only one the relay parses), count its tokens, return them."""
     for line in frames.split(b"\n"):
-        if line.startswith(b"data: {") and b'"done":true' in line:
-            with contextlib.suppress(ValueError):
-                tokens = int(json.loads(line[6:]).get("total_tokens", 0))
-                worker.tokens_served += tokens
-                return tokens
+        if line.startswith(b"data: {") and _DONE_MARK in line:
+            try:
+                tokens = DoneEvent.model_validate_json(line[6:]).total_tokens
+            except ValidationError:
+                log.warning("worker %s sent a final frame that is not a DoneEvent", worker.id)
+                return 0
+            worker.tokens_served += tokens
+            return tokens
     return 0
 
 

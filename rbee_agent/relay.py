@@ -70,8 +70,12 @@ class UpstreamResponse:
                 return
         raise RelayError("the stream ended before [DONE]")
 
-    async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.body_chunks()])
+    async def read(self, timeout_s: float | None = None) -> bytes:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return b"".join([chunk async for chunk in self.body_chunks()])
+        except TimeoutError:
+            raise RelayError(f"no complete reply within {timeout_s:g} s") from None
 
     async def aclose(self) -> None:
         self.writer.close()
@@ -80,7 +84,10 @@ class UpstreamResponse:
 
 
 async def post(host: str, port: int, path: str, headers: dict[str, str], body: bytes,
-               connect_timeout_s: float = 5.0) -> UpstreamResponse:
+               connect_timeout_s: float = 5.0, headers_timeout_s: float | None = None,
+               ) -> UpstreamResponse:
+    """Send the request; return once the reply's head is in (within `headers_timeout_s`:
+    a frozen worker must not hold a client for ever)."""
     try:
         async with asyncio.timeout(connect_timeout_s):
             reader, writer = await asyncio.open_connection(host, port)
@@ -90,7 +97,11 @@ async def post(host: str, port: int, path: str, headers: dict[str, str], body: b
             "Connection: close", *(f"{k}: {v}" for k, v in headers.items()), "", ""]
     try:
         writer.write("\r\n".join(head).encode("latin-1") + body)
-        raw = await reader.readuntil(b"\r\n\r\n")
+        async with asyncio.timeout(headers_timeout_s):
+            raw = await reader.readuntil(b"\r\n\r\n")
+    except TimeoutError:
+        writer.close()
+        raise RelayError(f"no reply from {host}:{port} within {headers_timeout_s:g} s") from None
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
         writer.close()
         raise RelayError(f"{type(exc).__name__} talking to {host}:{port}") from exc

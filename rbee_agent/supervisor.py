@@ -5,9 +5,17 @@ process (`python -m rbee_agent.worker`) with its own API key, its output piped i
 rotated per-worker log, and three watchers: process exit (noticed the moment it happens),
 start-up progress (relayed from the worker's own SSE), and the shared health and idle loops.
 
+One worker per spawn intent (B122): a spawn that matches a worker still loading, or an idle
+one, of the same model, backend, devices, slots and context gets that worker back (unless it
+asks for a `new` one); admission runs under one lock and counts what loading workers are
+still about to take, so parallel spawns cannot all pass a check only one of them fits.
+
 A worker for an `hf:` model the node does not have yet starts (or joins) its download
 first: it is listed as `loading` from the start, its progress stream carries the download
 stage, and the process is launched once the model is in the catalog (B37).
+
+Teardown happens in one place, `_retire`; a worker that failed to start stays answerable as
+state `failed`, with its error, for `failed_kept_s` (B127).
 
 It never blocks the event loop: processes are asyncio subprocesses, HTTP is httpx async,
 and catalog or resource calls that touch the disk run in threads.
@@ -20,40 +28,38 @@ import contextlib
 import itertools
 import logging
 import logging.handlers
-import os
 import secrets
 import signal
 import socket
-import sys
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from rbee_agent import resources
-from rbee_agent.auth import new_api_key
-from rbee_agent.broadcast import Broadcast
-from rbee_agent.catalog import Catalog, derive_id
+from rbee_agent.catalog import Catalog, derive_id, owned_file
 from rbee_agent.downloads import Download, DownloadManager
+from rbee_agent.managed_worker import ManagedWorker
 from rbee_agent.model_refs import CatalogRef, FileRef, HfRef, parse_model_ref
+from rbee_agent.preflight import Admission, Reserved, admit
 from rbee_agent.protocol import (
-    BACKENDS,
     CatalogEntry,
     DownloadProgress,
     ErrorCode,
+    HealthReply,
     LoadingProgress,
     RbeeError,
     SpawnReply,
     SpawnRequest,
     WorkerInfo,
     WorkerReadyCallback,
-    WorkerState,
 )
-from rbee_agent.provision import Plan
+from rbee_agent.provision import Plan, split_parts
 from rbee_agent.settings import AgentSettings
+from rbee_agent.worker_launch import LaunchSpec, worker_command, worker_env, worker_queue_depth
 
 log = logging.getLogger("rbee.agent")
 
@@ -61,98 +67,12 @@ _ADDRESS_IN_USE = "address already in use"
 _PORT_RETRIES = 5
 
 
-class ManagedWorker:
-    """What the agent knows about one worker process."""
-
-    def __init__(
-        self,
-        worker_id: str,
-        model: CatalogEntry,
-        request: SpawnRequest,
-        ctx_size: int,
-        slots: int,
-        log_path: Path,
-        lines_kept: int,
-    ) -> None:
-        self.id = worker_id
-        self.model = model
-        self.backend = request.backend
-        self.device = request.device
-        self.ctx_size = ctx_size
-        self.slots_total = slots
-        self.slots_busy = 0
-        self.api_key = new_api_key()
-        self.port = 0
-        self.host = "127.0.0.1"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.state: WorkerState = "loading"
-        self.started_at = time.time()
-        self.last_activity = time.time()
-        self.tokens_served = 0
-        self.active_requests = 0
-        self.health_failures = 0
-        self.exit_code: int | None = None
-        self.port_retries = 0
-        self.failure: RbeeError | None = None
-        self.log_path = log_path
-        self.recent_lines: deque[str] = deque(maxlen=lines_kept)
-        self.ready = asyncio.Event()
-        self.exited = asyncio.Event()
-        self.progress: Broadcast[LoadingProgress] = Broadcast(
-            LoadingProgress(stage="starting", layers_loaded=0, layers_total=model.layers),
-            lambda e: e.stage in ("ready", "failed"),
-        )
-        self.tasks: set[asyncio.Task[Any]] = set()
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
-
-    def matches(self, model_id: str, backend: str, device: int) -> bool:
-        return (self.model.id, self.backend, self.device) == (model_id, backend, device)
-
-    def begin_request(self) -> None:
-        self.active_requests += 1
-        self.last_activity = time.time()
-        if self.state == "idle":
-            self.state = "busy"
-
-    def end_request(self) -> None:
-        self.active_requests = max(0, self.active_requests - 1)
-        self.last_activity = time.time()
-        if self.state == "busy" and self.active_requests == 0:
-            self.state = "idle"
-
-    def info(self) -> WorkerInfo:
-        rss_mb = vram_mb = None
-        if self.proc is not None and self.exit_code is None:
-            rss_mb = resources.process_rss_mb(self.proc.pid)
-            vram_mb = resources.process_vram_mb(self.proc.pid) if self.backend == "cuda" else None
-        return WorkerInfo(
-            id=self.id, model_id=self.model.id, model_ref=self.model.reference,
-            backend=self.backend, device=self.device, url=self.url, state=self.state,
-            slots_total=self.slots_total,
-            slots_available=max(0, self.slots_total - self.slots_busy),
-            pid=self.pid, started_at=self.started_at, last_activity=self.last_activity,
-            rss_mb=rss_mb, vram_mb=vram_mb, tokens_served=self.tokens_served,
-            layers_loaded=self.progress.value.layers_loaded, layers_total=self.model.layers,
-            active_requests=self.active_requests,
-        )
-
-
 class Supervisor:
     def __init__(self, settings: AgentSettings, catalog: Catalog) -> None:
         self.settings = settings
         self.catalog = catalog
         self.workers: dict[str, ManagedWorker] = {}
+        self.failed: dict[str, ManagedWorker] = {}  # failed starts, kept for a while
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
         self._ids = (f"w{n}-{secrets.token_hex(2)}" for n in itertools.count(1))
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -191,27 +111,40 @@ class Supervisor:
         await self.downloads.close()
         await self.http.aclose()
 
+    def _check_open(self) -> None:
+        if self._closing:
+            raise RbeeError(ErrorCode.AGENT_SHUTTING_DOWN, "The agent is shutting down")
+
     # ------------------------------------------------------------------ lookup
 
     def get(self, worker_id: str) -> ManagedWorker:
-        worker = self.workers.get(worker_id)
+        """A live worker, or one that failed to start not long ago (state `failed`)."""
+        self._forget_old_failures()
+        worker = self.workers.get(worker_id) or self.failed.get(worker_id)
         if worker is None:
             raise RbeeError(
                 ErrorCode.WORKER_NOT_FOUND,
-                f"No worker {worker_id!r} on this node",
+                f"No worker {_shown(worker_id)} on this node",
                 hint="List the node's workers with 'rbee workers list --node NAME'.",
-                details={"worker_id": worker_id, "workers": sorted(self.workers)},
+                details={"worker_id": worker_id[:80], "workers": sorted(self.workers)},
             )
         return worker
 
     def infos(self) -> list[WorkerInfo]:
-        return [w.info() for w in self.workers.values()]
+        self._forget_old_failures()
+        return [w.info() for w in [*self.workers.values(), *self.failed.values()]]
 
     def by_key(self, token: str) -> ManagedWorker | None:
         for worker in self.workers.values():
             if secrets.compare_digest(worker.api_key.encode(), token.encode()):
                 return worker
         return None
+
+    def _forget_old_failures(self) -> None:
+        cutoff = time.time() - self.settings.failed_kept_s
+        for worker_id, worker in list(self.failed.items()):
+            if (worker.failed_at or 0) < cutoff:
+                del self.failed[worker_id]
 
     # ------------------------------------------------------------------ models
 
@@ -242,10 +175,37 @@ class Supervisor:
     def model_in_use(self, model_id: str) -> list[str]:
         return [w.id for w in self.workers.values() if w.model.id == model_id]
 
+    async def delete_model(self, model_id: str) -> CatalogEntry:
+        """Remove a model from the catalog (B35): refused while a worker uses it and for a
+        bundled model; the file goes too only when rbee downloaded it (`owned_file`)."""
+        entry = await asyncio.to_thread(self.catalog.require, model_id)
+        users = self.model_in_use(model_id)
+        if users:
+            raise RbeeError(
+                ErrorCode.MODEL_IN_USE,
+                f"Model {model_id} is in use by worker(s) {', '.join(users)}",
+                hint="Stop those workers first: rbee workers stop --node NAME --id ID.",
+                details={"workers": users},
+            )
+        if entry.provider == "bundled":
+            raise RbeeError(
+                ErrorCode.MODEL_PROTECTED,
+                f"Model {model_id} ships with an installed package and cannot be deleted here",
+                hint="Uninstall its package on the node to remove it.",
+            )
+        owned = owned_file(entry, self.settings.models_path)
+        await asyncio.to_thread(self.catalog.remove, model_id)
+        if owned is not None:
+            for part in split_parts(owned):
+                await asyncio.to_thread(part.unlink, missing_ok=True)
+        log.info("model %s removed from the catalog%s", model_id,
+                 f" and {owned} deleted" if owned else " (its file is not rbee's; kept)")
+        return entry
+
     # ------------------------------------------------------------------ spawn
 
     async def spawn(self, request: SpawnRequest) -> SpawnReply:
-        """Preflight, reuse or start a worker; answers at once with state `loading` (B25).
+        """Reuse, join or admit and start a worker; answers at once with state `loading`.
 
         The model is resolved before the spawn lock is taken: for an `hf:` model that asks
         the hub, and a slow hub must not hold up spawns of models already here.
@@ -254,50 +214,72 @@ class Supervisor:
         model = await self.resolve_model(request.model_ref)
         async with self._spawn_lock:
             self._check_open()
+            reference = model.reference
+            same = None if request.new else self._same_intent(request, reference)
+            if same is not None:
+                how = "joins the start of" if same.state == "loading" else "reuses idle"
+                log.info("spawn of %s %s worker %s", reference, how, same.id)
+                same.last_activity = time.time()
+                return SpawnReply(worker=same.info(), reused=True)
+            entry = _provisional(model) if isinstance(model, Plan) else model
+            admission = await asyncio.to_thread(self._admit, request, entry, None)
+            worker = self._new_worker(request, entry, admission)
             if isinstance(model, Plan):
-                return await self._spawn_after_download(request, model)
-            for worker in self.workers.values():
-                if worker.state == "idle" and worker.matches(model.id, request.backend,
-                                                             request.device):
-                    log.info("reusing idle worker %s for %s", worker.id, model.id)
-                    worker.last_activity = time.time()
-                    return SpawnReply(worker=worker.info(), reused=True)
-            await asyncio.to_thread(self._preflight, request, model)
-            worker = self._new_worker(request, model)
-            await self._launch(worker)
+                return self._spawn_after_download(worker, request, model)
+            try:
+                await self._launch(worker)
+            except OSError as exc:
+                raise _start_failed(worker, exc) from None
             self.workers[worker.id] = worker
             return SpawnReply(worker=worker.info(), reused=False)
 
-    def _check_open(self) -> None:
-        if self._closing:
-            raise RbeeError(ErrorCode.AGENT_SHUTTING_DOWN, "The agent is shutting down")
+    def _same_intent(self, request: SpawnRequest, reference: str) -> ManagedWorker | None:
+        for worker in self.workers.values():
+            if worker.state in ("loading", "idle") and _matches(worker, request, reference):
+                return worker
+        return None
 
-    def _new_worker(self, request: SpawnRequest, model: CatalogEntry) -> ManagedWorker:
+    def _admit(self, request: SpawnRequest, model: CatalogEntry,
+               exclude: ManagedWorker | None) -> Admission:
+        """Preflight against what is free now, less what loading workers will still take."""
+        return admit(request, model, self.settings, self._reserved(exclude))
+
+    def _reserved(self, exclude: ManagedWorker | None) -> Reserved:
+        ram = 0
+        vram: dict[int, int] = {}
+        for worker in self.workers.values():
+            if worker is exclude or worker.state != "loading":
+                continue
+            pid = worker.pid
+            rss = (resources.process_rss_mb(pid) or 0) if pid else 0
+            ram += max(0, worker.ram_need_mb - rss)
+            held = (resources.process_vram_mb(pid) or 0) if pid else 0
+            for device, need in worker.vram_need_mb.items():
+                share = held // max(1, len(worker.vram_need_mb))
+                vram[device] = vram.get(device, 0) + max(0, need - share)
+        return Reserved(ram_mb=ram, vram_mb=vram)
+
+    def _new_worker(self, request: SpawnRequest, model: CatalogEntry,
+                    admission: Admission) -> ManagedWorker:
+        worker_id = next(self._ids)
         worker = ManagedWorker(
-            next(self._ids), model, request,
-            ctx_size=request.ctx_size or self.settings.worker_ctx_size,
-            slots=request.slots or self.settings.worker_slots,
-            log_path=self._worker_log_dir / "pending.log",
+            worker_id, model, request.backend, ctx_size=admission.ctx_size,
+            slots=admission.slots, placement=admission.placement,
+            queue_depth=worker_queue_depth(self.settings),
+            log_path=self._worker_log_dir / f"{worker_id}.log",
             lines_kept=self.settings.worker_log_lines_kept,
         )
-        worker.log_path = self._worker_log_dir / f"{worker.id}.log"
+        _admitted(worker, admission)
         return worker
 
-    async def _spawn_after_download(self, request: SpawnRequest, plan: Plan) -> SpawnReply:
+    def _spawn_after_download(self, worker: ManagedWorker, request: SpawnRequest,
+                              plan: Plan) -> SpawnReply:
         """A worker that starts (or joins) its model's download, then launches (B37).
 
-        The preflight runs first, on the size the hub announced (no point fetching a model
-        that cannot run here), and again before the launch, on the downloaded file.
+        Admission ran on the size the hub announced (no point fetching a model that cannot
+        run here), and runs again before the launch, on the downloaded file's header.
         """
-        name = plan.dest.name
-        provisional = CatalogEntry(
-            id=derive_id(name), provider="hf", reference=plan.reference,
-            local_path=str(plan.dest), size_bytes=plan.total, quantization="unknown",
-            architecture="unknown", layers=0, context_length=0, added_at=time.time(),
-        )
-        await asyncio.to_thread(self._preflight, request, provisional)
         job, _ = self.downloads.begin(plan)
-        worker = self._new_worker(request, provisional)
         worker.progress.publish(_download_stage(job.progress.value))
         self.workers[worker.id] = worker
         self._background(self._provision_then_launch(worker, request, job), worker)
@@ -315,92 +297,17 @@ class Supervisor:
             async with self._spawn_lock:
                 if worker.state != "loading" or self._closing:
                     return
-                await asyncio.to_thread(self._preflight, request, model)
+                admission = await asyncio.to_thread(self._admit, request, model, worker)
                 worker.model = model
+                worker.ctx_size, worker.placement = admission.ctx_size, admission.placement
+                _admitted(worker, admission)
                 worker.progress.publish(LoadingProgress(
                     stage="starting", layers_loaded=0, layers_total=model.layers))
                 await self._launch(worker)
         except RbeeError as err:
-            self._fail_unlaunched(worker, err)
+            self._retire(worker, "failed", err)
         except OSError as exc:  # the process could not be started
-            self._fail_unlaunched(worker, RbeeError(
-                ErrorCode.WORKER_START_FAILED,
-                f"Worker {worker.id} could not be started: {exc}",
-                details={"worker_id": worker.id},
-            ))
-
-    def _fail_unlaunched(self, worker: ManagedWorker, err: RbeeError) -> None:
-        """End a worker that never got a process (its download failed or it was stopped)."""
-        if worker.exited.is_set():
-            return
-        log.warning("worker %s ends before it started: %s", worker.id, err.message)
-        worker.failure = err
-        worker.progress.publish(LoadingProgress(
-            stage="failed", layers_loaded=0, layers_total=worker.model.layers,
-            error=err.to_body().error,
-        ))
-        worker.state = "failed"
-        self.workers.pop(worker.id, None)
-        worker.exited.set()
-        worker.ready.set()
-        for task in list(worker.tasks):
-            if task is not asyncio.current_task():
-                task.cancel()
-
-    def _preflight(self, request: SpawnRequest, model: CatalogEntry) -> None:
-        if request.backend not in BACKENDS:
-            raise RbeeError(
-                ErrorCode.INVALID_BACKEND,
-                f"Unknown backend {request.backend!r}",
-                hint=f"Use one of: {', '.join(BACKENDS)}.",
-                details={"backend": request.backend, "valid": list(BACKENDS)},
-            )
-        gpus = resources.gpus()
-        available = resources.backends(len(gpus))
-        if request.backend not in available:
-            raise RbeeError(
-                ErrorCode.BACKEND_UNAVAILABLE,
-                f"Backend {request.backend} is not available on this node",
-                hint=f"Available here: {', '.join(available)}.",
-                details={"backend": request.backend, "available": list(available)},
-            )
-        need_mb = int(model.size_bytes * self.settings.ram_factor / 1024 / 1024) + 1
-        if request.backend == "cpu":
-            if request.device != 0:
-                raise RbeeError(
-                    ErrorCode.DEVICE_NOT_FOUND,
-                    f"The cpu backend has only device 0, not {request.device}",
-                    hint="Leave --device out for cpu workers.",
-                    details={"device": request.device, "devices": [0]},
-                )
-            have_mb = resources.ram_available_mb()
-            if need_mb > have_mb:
-                raise RbeeError(
-                    ErrorCode.INSUFFICIENT_RAM,
-                    f"Model {model.id} needs about {need_mb} MB of RAM; {have_mb} MB is free",
-                    hint="Stop other workers or pick a smaller model.",
-                    details={"required_mb": need_mb, "available_mb": have_mb},
-                )
-            return
-        if request.backend == "cuda":
-            devices = [g.index for g in gpus]
-            gpu = next((g for g in gpus if g.index == request.device), None)
-            if gpu is None:
-                raise RbeeError(
-                    ErrorCode.DEVICE_NOT_FOUND,
-                    f"No CUDA device {request.device} on this node",
-                    hint=f"Devices here: {', '.join(map(str, devices)) or 'none'}.",
-                    details={"device": request.device, "devices": devices},
-                )
-            free = gpu.vram_free_mb
-            if free is not None and need_mb > free:
-                raise RbeeError(
-                    ErrorCode.INSUFFICIENT_VRAM,
-                    f"Model {model.id} needs about {need_mb} MB of VRAM; GPU {gpu.index} "
-                    f"({gpu.name}) has {free} MB free",
-                    hint="Stop workers on that GPU, pick another --device, or a smaller model.",
-                    details={"required_mb": need_mb, "available_mb": free, "device": gpu.index},
-                )
+            self._retire(worker, "failed", _start_failed(worker, exc))
 
     def _free_port(self, skip: set[int]) -> int:
         used = {w.port for w in self.workers.values()} | skip
@@ -421,28 +328,41 @@ class Supervisor:
 
     async def _launch(self, worker: ManagedWorker, skip_ports: set[int] | None = None) -> None:
         worker.port = self._free_port(skip_ports or set())
-        cmd = [
-            sys.executable, "-m", "rbee_agent.worker",
-            "--worker-id", worker.id, "--model", worker.model.local_path,
-            "--port", str(worker.port), "--host", worker.host,
-            "--backend", worker.backend, "--device", str(worker.device),
-            "--ctx-size", str(worker.ctx_size), "--slots", str(worker.slots_total),
-            "--callback-url", f"{self.settings.url}/v1/workers/ready",
-            "--drain-timeout", str(self.settings.stop_grace_s),
-            "--parent-pid", str(os.getpid()),
-        ]
-        if self.settings.worker_threads:
-            cmd += ["--threads", str(self.settings.worker_threads)]
-        env = {**os.environ, "RBEE_WORKER_API_KEY": worker.api_key, "PYTHONUNBUFFERED": "1"}
-        worker.proc = await asyncio.create_subprocess_exec(
-            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
+        spec = LaunchSpec(
+            worker_id=worker.id, model_path=worker.model.local_path, host=worker.host,
+            port=worker.port, backend=worker.backend, ctx_size=worker.ctx_size,
+            slots=worker.slots_total, placement=worker.placement,
         )
-        log.info("spawned worker %s (pid %d) for %s on port %d", worker.id, worker.proc.pid,
-                 worker.model.id, worker.port)
+        worker.proc = await asyncio.create_subprocess_exec(
+            *worker_command(spec, self.settings), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env=worker_env(worker.api_key, worker.backend, worker.placement),
+            start_new_session=True,
+        )
+        log.info("spawned worker %s (pid %d) for %s on port %d (ctx %d × %d slot(s)%s)",
+                 worker.id, worker.proc.pid, worker.model.id, worker.port, worker.ctx_size,
+                 worker.slots_total, _where(worker))
         self._background(self._pump_output(worker, worker.proc), worker)
         self._background(self._watch_exit(worker, worker.proc), worker)
         self._background(self._follow_start(worker, worker.proc), worker)
+
+    # ------------------------------------------------------------------ teardown
+
+    def _retire(self, worker: ManagedWorker, state: Any, failure: RbeeError | None = None
+                ) -> None:
+        """The one teardown: final state, out of the live table (a failed start is kept
+        for `failed_kept_s`), waiters woken, the worker's watchers cancelled."""
+        if worker.exited.is_set():
+            return
+        worker.set_state(state, failure)
+        self.workers.pop(worker.id, None)
+        if state == "failed" and worker.failure is not None and self.settings.failed_kept_s > 0:
+            self.failed[worker.id] = worker
+        worker.exited.set()
+        worker.ready.set()
+        for task in list(worker.tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
 
     # ------------------------------------------------------------------ watchers
 
@@ -486,25 +406,17 @@ class Supervisor:
         level = logging.INFO if expected and code == 0 else logging.WARNING
         log.log(level, "worker %s (pid %d) exited with code %s%s", worker.id, proc.pid, code,
                 "" if expected else "; last lines:\n  " + "\n  ".join(tail))
-        if worker.state == "loading":
-            worker.failure = RbeeError(
+        failure = worker.failure
+        if worker.state == "loading" and failure is None:
+            failure = RbeeError(
                 ErrorCode.WORKER_START_FAILED,
                 f"Worker {worker.id} for {worker.model.id} exited with code {code} while "
                 f"starting: {tail[-1] if tail else 'no output'}",
                 hint="See the worker log: rbee logs --node NAME --worker " + worker.id,
                 details={"exit_code": code, "last_lines": tail, "worker_id": worker.id},
             )
-            worker.progress.publish(LoadingProgress(
-                stage="failed", layers_loaded=worker.progress.value.layers_loaded,
-                layers_total=worker.model.layers, error=worker.failure.to_body().error,
-            ))
-        worker.state = "failed" if not expected else worker.state
-        self.workers.pop(worker.id, None)
-        worker.exited.set()
-        worker.ready.set()
-        for task in list(worker.tasks):
-            if task is not asyncio.current_task():
-                task.cancel()
+        final = "failed" if failure is not None or not expected else worker.state
+        self._retire(worker, final, failure)
 
     async def _follow_start(self, worker: ManagedWorker, proc: asyncio.subprocess.Process) -> None:
         """Relay the worker's loading progress until it is ready, failed, or too slow."""
@@ -516,13 +428,13 @@ class Supervisor:
                         await self._relay_progress(worker)
                         if worker.state != "loading":
                             return
-                    except httpx.TransportError:
+                    except (httpx.TransportError, ValidationError):
                         await asyncio.sleep(0.05)
         except TimeoutError:
             if worker.state != "loading" or time.monotonic() < deadline - 1:
                 return
             layer = worker.progress.value.layers_loaded
-            worker.failure = RbeeError(
+            failure = RbeeError(
                 ErrorCode.LOADING_TIMEOUT,
                 f"Worker {worker.id} did not finish loading {worker.model.id} within "
                 f"{self.settings.start_timeout_s:g} s (stuck at layer {layer} of "
@@ -530,13 +442,13 @@ class Supervisor:
                 hint="The node may be out of memory or swapping; see its worker log.",
                 details={"layers_loaded": layer, "layers_total": worker.model.layers},
             )
-            log.error("%s", worker.failure.message)
+            log.error("%s", failure.message)
+            worker.failure = failure  # the exit watcher ends it as failed
             worker.progress.publish(LoadingProgress(
                 stage="failed", layers_loaded=layer, layers_total=worker.model.layers,
-                error=worker.failure.to_body().error,
+                error=failure.to_body().error,
             ))
-            worker.state = "stopping"
-            worker.ready.set()
+            worker.set_state("stopping")
             self._kill(worker)
 
     async def _relay_progress(self, worker: ManagedWorker) -> None:
@@ -557,12 +469,11 @@ class Supervisor:
     def _mark_ready(self, worker: ManagedWorker) -> None:
         if worker.state != "loading":
             return
-        worker.state = "idle"
         worker.last_activity = time.time()
         worker.progress.publish(LoadingProgress(
             stage="ready", layers_loaded=worker.model.layers, layers_total=worker.model.layers
         ))
-        worker.ready.set()
+        worker.set_state("idle")
         log.info("worker %s is ready at %s", worker.id, worker.url)
 
     def ready_callback(self, worker: ManagedWorker, body: WorkerReadyCallback) -> None:
@@ -596,11 +507,8 @@ class Supervisor:
         try:
             reply = await self.http.get(f"{worker.url}/v1/health",
                                         timeout=self.settings.health_timeout_s)
-            body = reply.json()
-            worker.slots_busy = int(body.get("slots_busy", 0))
-            worker.tokens_served = int(body.get("tokens_served", worker.tokens_served))
-            worker.health_failures = 0
-        except (httpx.HTTPError, ValueError) as exc:
+            body = HealthReply.model_validate_json(reply.content)
+        except (httpx.HTTPError, ValidationError) as exc:
             worker.health_failures += 1
             log.warning("worker %s failed health check %d/%d: %s", worker.id,
                         worker.health_failures, self.settings.health_failures,
@@ -608,8 +516,14 @@ class Supervisor:
             if worker.health_failures >= self.settings.health_failures:
                 log.error("worker %s failed %d health checks in a row; killing it", worker.id,
                           worker.health_failures)
-                worker.state = "stopping"
+                worker.set_state("stopping")
                 self._kill(worker)
+            return
+        worker.health_failures = 0
+        worker.slots_busy = body.slots_busy or 0
+        worker.queued = body.queued or 0
+        if body.tokens_served is not None:
+            worker.tokens_served = body.tokens_served
 
     async def _idle_loop(self) -> None:
         while True:
@@ -617,7 +531,7 @@ class Supervisor:
             now = time.time()
             for worker in list(self.workers.values()):
                 idle_for = now - worker.last_activity
-                if (worker.state == "idle" and worker.active_requests == 0
+                if (worker.state == "idle" and worker.in_flight == 0
                         and idle_for >= self.settings.idle_timeout_s):
                     log.info("worker %s idle for %.0f s; stopping it", worker.id, idle_for)
                     self._background(self._stop(worker))
@@ -626,13 +540,16 @@ class Supervisor:
 
     async def stop(self, worker_id: str) -> WorkerInfo:
         worker = self.get(worker_id)
+        if worker.state == "failed":  # a kept failure: forget it
+            self.failed.pop(worker.id, None)
+            return worker.info()
         await self._stop(worker)
         return worker.info()
 
     async def _stop(self, worker: ManagedWorker) -> None:
         """Graceful: ask the worker to drain; kill it if it is not gone after the grace."""
         if worker.proc is None and not worker.exited.is_set():  # still waiting for its model
-            self._fail_unlaunched(worker, RbeeError(
+            self._retire(worker, "stopping", RbeeError(
                 ErrorCode.CANCELLED,
                 f"Worker {worker.id} was stopped before its model finished downloading",
                 hint="The download goes on; cancel it with its job id if it is not wanted.",
@@ -642,7 +559,7 @@ class Supervisor:
         if worker.proc is None or worker.exited.is_set():
             return
         was_loading = worker.state == "loading"
-        worker.state = "stopping"
+        worker.set_state("stopping")
         if was_loading:
             worker.proc.send_signal(signal.SIGTERM)
         else:
@@ -661,6 +578,57 @@ class Supervisor:
         if worker.proc is not None and worker.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _matches(worker: ManagedWorker, request: SpawnRequest, reference: str) -> bool:
+    """Whether `worker` serves this spawn's intent; what the spawn leaves out matches any."""
+    asked_devices = request.devices or ([request.device] if request.device is not None
+                                        else None)
+    devices = list(worker.placement.devices) or [0]
+    layers = worker.placement.gpu_layers
+    return (worker.model.reference == reference and worker.backend == request.backend
+            and (asked_devices is None or asked_devices == devices)
+            and (request.slots is None or request.slots == worker.slots_total)
+            and (request.ctx_size is None or request.ctx_size == worker.ctx_size)
+            and (not isinstance(request.gpu_layers, int) or request.gpu_layers == layers))
+
+
+def _admitted(worker: ManagedWorker, admission: Admission) -> None:
+    worker.ram_need_mb = admission.ram.total_mb
+    worker.vram_need_mb = {d: n.total_mb for d, n in admission.vram.items()}
+
+
+def _provisional(plan: Plan) -> CatalogEntry:
+    """A catalog entry for a model still to be downloaded: the size the hub announced."""
+    return CatalogEntry(
+        id=derive_id(plan.dest.name), provider="hf", reference=plan.reference,
+        local_path=str(plan.dest), size_bytes=plan.total, quantization="unknown",
+        architecture="unknown", layers=0, context_length=0, added_at=time.time(),
+    )
+
+
+def _start_failed(worker: ManagedWorker, exc: OSError) -> RbeeError:
+    return RbeeError(
+        ErrorCode.WORKER_START_FAILED,
+        f"Worker {worker.id} could not be started: {exc}",
+        details={"worker_id": worker.id},
+    )
+
+
+def _where(worker: ManagedWorker) -> str:
+    placement = worker.placement
+    if not placement.devices or worker.backend == "cpu":
+        return ""
+    layers = "all" if placement.gpu_layers < 0 else str(placement.gpu_layers)
+    return f", {layers} layer(s) on GPU {','.join(map(str, placement.devices))}"
+
+
+def _shown(text: str) -> str:
+    """A client-given id in a message: quoted, cut short, control characters escaped."""
+    return repr(text[:80] + ("…" if len(text) > 80 else ""))
 
 
 def _download_stage(event: DownloadProgress) -> LoadingProgress:

@@ -97,10 +97,8 @@ class FleetCollector(Collector):
             for state in ("loading", "idle", "busy", "draining", "stopping", "failed"):
                 workers.add_metric([s.name, state], sum(1 for w in s.workers
                                                         if w.state == state))
-            busy.add_metric([s.name], sum(min(w.active_requests, w.slots_total)
-                                          for w in s.workers))
-            queued.add_metric([s.name], sum(max(0, w.active_requests - w.slots_total)
-                                            for w in s.workers))
+            busy.add_metric([s.name], sum(w.active_requests for w in s.workers))
+            queued.add_metric([s.name], sum(w.queued for w in s.workers))
             for gpu in s.info.gpus if s.info else []:
                 if gpu.vram_used_mb is not None:
                     used.add_metric([s.name, str(gpu.index)], gpu.vram_used_mb * MB)

@@ -85,7 +85,7 @@ class NodeState:
         """Requests per slot on the node's ready workers for `model`, counting what the
         gateway sent since the node last answered."""
         slots = sum(max(1, w.slots_total) for w in ready)
-        seen = sum(w.active_requests for w in ready)
+        seen = sum(w.active_requests + w.queued for w in ready)
         ours_since = self.inflight[model] - self.inflight_at_fetch[model]
         return max(0, seen + ours_since) / slots
 

@@ -1,7 +1,9 @@
 """`rbee serve`: start the gateway and print where it is and its key (B186, B187).
 
-The subcommand is registered by `rbee_tui/cli.py` through `add_parser` and `cmd_serve`;
-the web server is imported only when the command runs, so the rest of rbee never needs it.
+`rbee_tui/cli.py` registers the subcommand with `add_parser`, and `cli_commands` runs it
+with `serve`. Like the CLI's parser, this module loads only the standard library (B151); the
+web server and everything else is imported when the command runs, so the rest of rbee never
+needs them.
 """
 
 from __future__ import annotations
@@ -10,26 +12,31 @@ import argparse
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rbee_agent.protocol import ErrorCode, RbeeError
-from rbee_tui.config import Config
-from rbee_tui.links import NodeLinks
+if TYPE_CHECKING:
+    from rbee_tui.config import Config
+    from rbee_tui.links import NodeLinks
 
 EXIT_OK = 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     serve = sub.add_parser("serve", help="one OpenAI-compatible endpoint for every node")
-    serve.add_argument("--host", default=None,
+    serve.add_argument("--host", default=None, metavar="ADDRESS",
                        help="address to listen on (default: 127.0.0.1, this machine only)")
-    serve.add_argument("--port", type=int, default=None, help="port (default: 8080)")
-    serve.add_argument("--api-key-file", type=Path, default=None,
+    serve.add_argument("--port", type=int, default=None, metavar="N",
+                       help="port (default: 8080)")
+    serve.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
                        help="file holding the key clients must send (default: one generated "
                        "into the config folder)")
+    serve.set_defaults(handler="serve")
 
 
 def _bind(host: str, port: int) -> socket.socket:
     """The listening socket, made here so a taken port is one clear error."""
+    from rbee_agent.protocol import ErrorCode, RbeeError
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -46,7 +53,9 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def cmd_serve(args: argparse.Namespace, config: Config, links: NodeLinks) -> int:
+async def serve(args: argparse.Namespace, config: Config, links: NodeLinks) -> int:
+    from rbee_agent.protocol import ErrorCode, RbeeError
+
     try:
         import uvicorn
 

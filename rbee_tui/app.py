@@ -21,7 +21,7 @@ from textual.worker import Worker, WorkerState
 
 from rbee_agent.protocol import RbeeError
 from rbee_tui.config import Config, Node, save_config
-from rbee_tui.events import Event
+from rbee_tui.events import Event, Finished
 from rbee_tui.links import NodeLinks
 from rbee_tui.messages import NodePolled
 from rbee_tui.node_source import LiveNodeSource, NodeSnapshot, NodeSource
@@ -309,27 +309,21 @@ class RbeeApp(App[None]):
                         exit_on_error=False, name=f"agent {name}")
 
     async def _toggle_agent(self, name: str, up: bool) -> None:
-        import asyncio
+        from rbee_tui.ops import nodes as node_ops
 
-        from rbee_tui import local_agent
-
-        node = self.config.node(name)
-        if node.is_local:
-            if up:
-                await asyncio.to_thread(local_agent.stop_recorded)
-            else:
-                await local_agent.find_or_start_async(self.config.settings)
-        else:
-            from rbee_tui import ssh
-
-            flow = ssh.stop_agent if up else ssh.start_agent
-            await self._drain(flow(node, self.config.settings))
-        self.notify(f"Agent on {name} {'stopped' if up else 'started'}.")
+        flow = node_ops.stop_agent if up else node_ops.start_agent
+        message = await self._drain(flow(self.config, self.config.node(name)))
+        self.notify(message)
         self.poll_now(name)
 
-    async def _drain(self, flow: AsyncIterator[Event]) -> None:
-        async for _ in flow:
-            pass
+    async def _drain(self, flow: AsyncIterator[Event]) -> str:
+        """Run an operation for its outcome: the message of its Finished (said only once
+        the agent proved it is the one asked for, B140)."""
+        message = ""
+        async for event in flow:
+            if isinstance(event, Finished):
+                message = event.message
+        return message
 
     # ------------------------------------------------------------------ workers (B74)
 

@@ -1,6 +1,8 @@
 """How the CLI shows flow events: phases and bars on stderr (Rich), tokens on stdout.
 
-Scripts read stdout (tokens, or one JSON object with --json); people read stderr.
+Scripts read stdout (tokens, or one JSON object with --json); people read stderr. Rich is
+loaded on the first thing said on stderr, and tables are plain text, so a listing does not
+pay for it (B151).
 """
 
 from __future__ import annotations
@@ -9,12 +11,8 @@ import json
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
-
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from rbee_agent.protocol import RbeeError
 from rbee_tui.events import (
@@ -22,21 +20,42 @@ from rbee_tui.events import (
     Event,
     Finished,
     HostKeyUnknown,
+    Note,
     OutputLine,
     PhaseDone,
     PhaseStarted,
+    Queued,
     Token,
 )
 from rbee_tui.events import Progress as ProgressEvent
 
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-# Tables on a pipe are not cut to 80 columns: scripts that do not use --json still get it all.
-out_console = Console(highlight=False, soft_wrap=True,
-                      width=None if sys.stdout.isatty() else 250)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+
+@cache
+def err_console() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def say(markup: str) -> None:
+    """One line of Rich markup on stderr."""
+    err_console().print(markup)
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
 
 
 class EventPrinter:
-    """Prints a flow's events as they come. `quiet_tokens` for --json (tokens not echoed)."""
+    """The CLI's one renderer of flow events (principle 1): tokens on stdout, everything
+    else on stderr. `quiet_tokens` for --json (tokens not echoed). The TUI's event log
+    widget is its counterpart."""
 
     def __init__(self, quiet_tokens: bool = False) -> None:
         self.quiet_tokens = quiet_tokens
@@ -44,60 +63,99 @@ class EventPrinter:
         self._bar: Progress | None = None
         self._task: TaskID | None = None
         self._bar_phase: str | None = None
-        self._wrote_tokens = False
+        self._line_open = False  # tokens were written and no newline ended them yet
+        self._queued: int | None = None
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, Token):
-            self._end_bar()
-            if not self.quiet_tokens:
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-                self._wrote_tokens = True
-        elif isinstance(event, PhaseStarted):
-            self._end_bar()
-            err_console.print(f"[bold yellow]→[/] {escape(event.message)}")
-        elif isinstance(event, PhaseDone):
-            self._end_bar()
-            if event.message:
-                err_console.print(f"  [green]✓[/] {escape(event.message)}")
-        elif isinstance(event, Attempt):
-            self._attempt(event)
-        elif isinstance(event, ProgressEvent):
-            self._progress(event)
-        elif isinstance(event, OutputLine):
-            self._end_bar()
-            err_console.print(f"  [dim]{escape(event.line)}[/]")
-        elif isinstance(event, HostKeyUnknown):
-            err_console.print(f"  [yellow]![/] unknown host key for {event.host}:{event.port}: "
-                              f"{escape(event.key_type)} {escape(event.fingerprint)}")
-        elif isinstance(event, Finished):
-            self._end_bar()
-            self.finished = event
-            if self._wrote_tokens:
-                sys.stdout.write("\n")
-                sys.stdout.flush()
-            err_console.print(f"[bold green]✓[/] {escape(event.message)}")
+        match event:
+            case Token(text=text):
+                self._token(text)
+            case ProgressEvent():
+                self._break_line()
+                self._progress(event)
+            case OutputLine(phase=phase, line=line) if self._bar_phase == phase:
+                assert self._bar is not None
+                self._bar.console.print(f"  [dim]{escape(line)}[/]")  # above the bar
+            case Finished():
+                self._end_line()
+                self._end_bar()
+                self._say(event)
+            case _:
+                self._break_line()
+                self._end_bar()
+                self._say(event)
 
-    def _attempt(self, event: Attempt) -> None:
+    def _say(self, event: Event) -> None:
+        match event:
+            case PhaseStarted(message=message):
+                say(f"[bold yellow]→[/] {escape(message)}")
+            case PhaseDone(message=message) if message:
+                say(f"  [green]✓[/] {escape(message)}")
+            case Attempt(error=None, number=number, total=total):
+                say(f"  attempt {number}/{total} …")
+            case Attempt(error=RbeeError() as error, number=number, total=total,
+                         retry_in_s=retry):
+                again = f"; retrying in {retry:g} s" if retry is not None else ""
+                say(f"  [red]✗[/] attempt {number}/{total}: {escape(error.message)}{again}")
+            case Note(message=message):
+                say(f"  [cyan]·[/] {escape(message)}")
+            case Queued(ahead=ahead) if ahead != self._queued:
+                self._queued = ahead
+                say(f"  [cyan]·[/] queued, {ahead} ahead")
+            case OutputLine(line=line):
+                say(f"  [dim]{escape(line)}[/]")
+            case HostKeyUnknown(host=host, port=port, key_type=key_type,
+                                fingerprint=fingerprint):
+                say(f"  [yellow]![/] unknown host key for {host}:{port}: "
+                    f"{escape(key_type)} {escape(fingerprint)}")
+            case Finished(message=message):
+                self.finished = event
+                say(f"[bold green]✓[/] {escape(message)}")
+
+    def warn(self, message: str) -> None:
+        """A problem that does not stop the command (a node of a listing did not answer)."""
+        self._break_line()
         self._end_bar()
-        if event.error is None:
-            err_console.print(f"  attempt {event.number}/{event.total} …")
+        say(f"[yellow]![/] {escape(message)}")
+
+    def _token(self, text: str) -> None:
+        self._end_bar()
+        if self.quiet_tokens:
             return
-        retry = f"; retrying in {event.retry_in_s:g} s" if event.retry_in_s else ""
-        err_console.print(f"  [red]✗[/] attempt {event.number}/{event.total}: "
-                          f"{escape(event.error.message)}{retry}")
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        self._line_open = True
+
+    def _end_line(self) -> None:
+        """A whole reply: end its line on stdout."""
+        if self._line_open:
+            self._line_open = False
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+    def _break_line(self) -> None:
+        """Anything else after tokens (an error, "canceled") starts on a line of its own,
+        the newline going to stderr so stdout keeps exactly the tokens that arrived (B53,
+        B152)."""
+        if self._line_open:
+            self._line_open = False
+            err_console().print()
 
     def _progress(self, event: ProgressEvent) -> None:
         if self._bar is None or self._bar_phase != event.phase:
             self._end_bar()
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
             self._bar = Progress(TextColumn(f"  {event.phase}"), BarColumn(),
                                  TextColumn("{task.completed:.0f}/{task.total:.0f} " + event.unit),
-                                 TimeElapsedColumn(), console=err_console, transient=False)
+                                 TextColumn("{task.description}"),
+                                 TimeElapsedColumn(), console=err_console(), transient=False)
             self._bar.start()
-            self._task = self._bar.add_task(event.phase, total=event.total)
+            self._task = self._bar.add_task(event.message, total=event.total)
             self._bar_phase = event.phase
         assert self._task is not None
-        self._bar.update(self._task, completed=event.done, total=event.total)
+        self._bar.update(self._task, completed=event.done, total=event.total,
+                         description=event.message)
 
     def _end_bar(self) -> None:
         if self._bar is not None:
@@ -106,13 +164,16 @@ class EventPrinter:
             self._bar_phase = None
 
     def close(self) -> None:
+        """The flow ended (or broke off): stop a bar, and put what follows on a line of its
+        own ("canceled", an error) without adding to stdout."""
         self._end_bar()
+        self._break_line()
 
 
 def print_error(err: RbeeError) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(err.message)}")
+    say(f"[bold red]error:[/] {escape(err.message)}")
     if err.hint:
-        err_console.print(f"[yellow]hint:[/] {escape(err.hint)}")
+        say(f"[yellow]hint:[/] {escape(err.hint)}")
 
 
 def print_json(value: Any) -> None:
@@ -120,14 +181,20 @@ def print_json(value: Any) -> None:
 
 
 def print_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], empty: str) -> None:
-    rows = list(rows)
-    if not rows:
-        err_console.print(empty)
+    """Aligned columns on stdout, header in bold on a terminal; never cut to the terminal's
+    width (scripts that do not use --json still get every cell)."""
+    cells = [["-" if v is None else str(v) for v in row] for row in rows]
+    if not cells:
+        sys.stderr.write(empty + "\n")
         return
-    table = Table(*columns, box=None, header_style="bold", pad_edge=False)
-    for row in rows:
-        table.add_row(*("-" if v is None else str(v) for v in row))
-    out_console.print(table)
+    widths = [max(len(c) for c in column) for column in zip(columns, *cells, strict=False)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=False)).rstrip()
+
+    bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    sys.stdout.write(f"{bold}{line(columns)}{plain}\n")
+    sys.stdout.writelines(line(row) + "\n" for row in cells)
 
 
 def ago(timestamp: float | None) -> str:

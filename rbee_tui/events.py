@@ -1,4 +1,4 @@
-"""Typed events of the operator's flows (DESIGN principle 1: one flow, two faces).
+"""Typed events of the operator's flows (principle 1: one flow, two faces).
 
 Every flow (inference, node check, agent install, model download) is an async generator of
 these. The CLI prints them; the TUI turns them into messages. A flow ends by returning after
@@ -58,6 +58,22 @@ class OutputLine:
 
 
 @dataclass(frozen=True)
+class Note:
+    """A line worth showing inside a phase that is neither progress nor output: a download
+    resumed or retried (B37), a worker handed back instead of started, a port moved."""
+
+    phase: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Queued:
+    """The request waits in the worker's queue with `ahead` requests before it (B148)."""
+
+    ahead: int
+
+
+@dataclass(frozen=True)
 class HostKeyUnknown:
     """SSH met a host key rbee has not seen: the operator must confirm it (B01)."""
 
@@ -82,5 +98,6 @@ class Finished:
 
 
 Event = (
-    PhaseStarted | PhaseDone | Attempt | Progress | OutputLine | HostKeyUnknown | Token | Finished
+    PhaseStarted | PhaseDone | Attempt | Progress | OutputLine | Note | Queued | HostKeyUnknown
+    | Token | Finished
 )

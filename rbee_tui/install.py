@@ -1,12 +1,15 @@
 """Install or upgrade the agent on a node over SSH, as a flow of events (B06).
 
-Steps, each announced with PhaseStarted/PhaseDone: ssh, python (python3 new enough),
-upload (a wheel of this very rbee, over SFTP), stop (only when an agent runs: upgrade in
-place), venv (`<install_path>/venv`, reused when it works), pip (`pip install
-'<wheel>[agent]'`, its output streamed as OutputLine), config (`agent.toml`, 0600, keeping
-the node's API key and extra settings unless told otherwise), start, health (through an SSH
-port forward, the version must be ours). `Finished.data["api_key"]` carries the key for the
-registry; never print it.
+Steps, each announced with PhaseStarted/PhaseDone: ssh, python (python3 new enough), gpu
+(with `backend="cuda"` only: nvcc and the GPUs on the node, B149), upload (a wheel of this
+very rbee, over SFTP), stop (only when an agent runs: upgrade in place), venv
+(`<install_path>/venv`, reused when it works), cuda (with `backend="cuda"`: llama-cpp-python
+built on the node with `-DGGML_CUDA=on`, its build log streamed as OutputLine and its
+percentage as Progress; skipped when the node's llama.cpp already offloads), pip (`pip
+install '<wheel>[agent]'`, its output streamed as OutputLine), config (`agent.toml`, 0600,
+keeping the node's API key and extra settings unless told otherwise), start, health
+(through an SSH port forward, the agent must answer as itself, B140, and be our version).
+`Finished.data["api_key"]` carries the key for the registry; never print it.
 
 A failing step raises INSTALL_FAILED naming the step, with the remote output's last lines in
 `details["stderr_tail"]` (or the agent's log in `details["log_tail"]`) and a hint. Connection
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import posixpath
+import re
 import secrets
 import shlex
 import tempfile
@@ -31,8 +36,9 @@ import tomli_w
 from rbee_agent import __version__
 from rbee_agent.model_refs import BUNDLED_MODEL_REQUIREMENT
 from rbee_agent.protocol import ErrorCode, RbeeError
+from rbee_tui.client import version_mismatch
 from rbee_tui.config import Node, OperatorSettings
-from rbee_tui.events import Event, Finished, OutputLine, PhaseDone, PhaseStarted
+from rbee_tui.events import Event, Finished, Note, OutputLine, PhaseDone, PhaseStarted, Progress
 from rbee_tui.remote_agent import AgentLayout, RemoteAgent
 from rbee_tui.ssh_conn import Dialer, SshConnection, parse_facts, version_tuple
 from rbee_tui.wheel import build_wheel, required_python
@@ -42,6 +48,27 @@ command -v python3 >/dev/null 2>&1 || { echo "python3 is not on the PATH ($PATH)
 python3 -c 'import sys; print("version=%d.%d.%d" % sys.version_info[:3])
 print("path=" + sys.executable)'
 """
+
+GPU_CHECK = r"""
+nvcc=$(command -v nvcc 2>/dev/null || true)
+if [ -z "$nvcc" ]; then
+  for c in "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" /opt/cuda/bin/nvcc; do
+    [ -x "$c" ] && nvcc=$c && break
+  done
+fi
+echo "nvcc=$nvcc"
+if [ -n "$nvcc" ]; then
+  echo "nvcc_version=$("$nvcc" --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
+fi
+echo "gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | paste -sd ';' -)"
+if [ -x "$d/venv/bin/python" ]; then
+  offload='import llama_cpp; print(llama_cpp.llama_supports_gpu_offload())'
+  echo "offload=$("$d/venv/bin/python" -c "$offload" 2>/dev/null)"
+fi
+true
+"""
+NVCC_PLACES = "the PATH, $CUDA_HOME/bin (default /usr/local/cuda/bin) and /opt/cuda/bin"
+CMAKE_PERCENT = re.compile(r"^\s*\[\s*(\d{1,3})%\]")
 
 VENV = r"""
 set -e
@@ -69,6 +96,12 @@ def _hints(node: Node, layout: AgentLayout | None) -> dict[str, str]:
         "rbee's dependencies; llama-cpp-python builds from source where no wheel is cached "
         "(about 6 minutes; needs a C compiler and cmake).",
         "config": f"Check write permission for {root} on the node.",
+        "gpu": "Install the CUDA toolkit on the node, which has nvcc: on Debian/Ubuntu "
+        "`sudo apt install nvidia-cuda-toolkit`, or NVIDIA's `cuda-toolkit` package "
+        "(developer.nvidia.com/cuda-downloads); then run "
+        f"rbee nodes install {node.name} --backend cuda again.",
+        "cuda": "See the build log above. Building llama.cpp with CUDA needs nvcc, a C/C++ "
+        "compiler and cmake on the node, and the NVIDIA driver for the GPUs.",
         "start": f"See the agent's output on the node: {root}/logs/agent.out.",
         "health": f"See the agent's output on the node: {root}/logs/agent.out; is port "
         f"{node.agent_port} free there?",
@@ -127,6 +160,30 @@ class _Steps:
             )
         return f"Python {found} ({path})"
 
+    async def gpu(self) -> dict[str, str]:
+        """B149: nvcc (required to build), the GPUs nvidia-smi shows, and whether the
+        installed llama.cpp (if any) already offloads."""
+        out = await self.conn.run_script(self._script(GPU_CHECK), what="Looking for nvcc")
+        facts = parse_facts(out.stdout)
+        if not facts.get("nvcc"):
+            raise RbeeError(
+                ErrorCode.INSTALL_FAILED,
+                f"Installing the agent on node '{self.node.name}' failed at step 'gpu': the "
+                f"CUDA compiler nvcc is not on the node (looked on {NVCC_PLACES}); it is "
+                "needed to build llama.cpp with CUDA",
+                hint=_hints(self.node, self.layout)["gpu"],
+                details={"node": self.node.name, "step": "gpu", "gpus": facts.get("gpus")},
+            )
+        return facts
+
+    def cuda_command(self, nvcc: str) -> str:
+        """pip builds llama-cpp-python from source with CUDA on (the version rbee pins),
+        replacing a CPU build; -v streams cmake's output, whose [ NN%] lines are progress."""
+        pip = f"{shlex.quote(self.layout.python)} -m pip --disable-pip-version-check --no-input"
+        return (f"CMAKE_ARGS=-DGGML_CUDA=on CUDACXX={shlex.quote(nvcc)} FORCE_CMAKE=1 "
+                f"{pip} install -v --progress-bar off --no-cache-dir --force-reinstall "
+                f"--no-deps --no-binary llama-cpp-python {shlex.quote(llama_requirement())}")
+
     async def upload(self) -> str:
         with tempfile.TemporaryDirectory(prefix="rbee-wheel-") as tmp:
             wheel = await asyncio.to_thread(build_wheel, Path(tmp))
@@ -177,14 +234,35 @@ class _Steps:
             return {}  # unreadable: replaced by a fresh config (and key)
 
 
+def llama_requirement() -> str:
+    """`llama-cpp-python==X`, the version this rbee pins for its agent."""
+    for requirement in importlib.metadata.requires("rbee") or []:
+        spec = requirement.split(";")[0].strip()
+        if spec.replace("_", "-").startswith("llama-cpp-python"):
+            return spec
+    return "llama-cpp-python"
+
+
+async def _build_cuda(conn: SshConnection, steps: _Steps, nvcc: str) -> AsyncIterator[Event]:
+    shown = -1
+    async for line in conn.stream(f"sh -c {shlex.quote(steps.cuda_command(nvcc))}",
+                                  what="Building llama.cpp with CUDA"):
+        yield OutputLine("cuda", line)
+        match = CMAKE_PERCENT.match(line)
+        if match and int(match.group(1)) != shown:
+            shown = int(match.group(1))
+            yield Progress("cuda", shown, 100, "%")
+
+
 async def install_agent(node: Node, settings: OperatorSettings, *, api_key: str | None = None,
-                        new_api_key: bool = False, accept_new_host_key: bool = False
-                        ) -> AsyncIterator[Event]:
+                        new_api_key: bool = False, accept_new_host_key: bool = False,
+                        backend: str = "cpu") -> AsyncIterator[Event]:
     """Install (or upgrade in place) the agent on the node; see the module docstring.
 
     `api_key` sets the key; otherwise the node's existing key is kept unless `new_api_key`,
-    and a fresh random key is made when there is none. Finished.data: api_key,
-    api_key_reused, agent_version, install_path, manager, pid, python.
+    and a fresh random key is made when there is none. `backend="cuda"` builds llama.cpp
+    with CUDA on the node. Finished.data: api_key, api_key_reused, agent_version,
+    install_path, manager, pid, python, backend.
     """
     dialer = Dialer(node, settings, accept_new_host_key=accept_new_host_key)
     async for event in dialer.phase_events():
@@ -198,6 +276,17 @@ async def install_agent(node: Node, settings: OperatorSettings, *, api_key: str 
         with steps.step("python"):
             python = await steps.python()
         yield PhaseDone("python", python)
+
+        gpu: dict[str, str] = {}
+        if backend == "cuda":
+            yield PhaseStarted("gpu", "Looking for nvcc and NVIDIA GPUs on the node")
+            with steps.step("gpu"):
+                gpu = await steps.gpu()
+            yield PhaseDone("gpu", f"nvcc {gpu.get('nvcc_version') or '?'} ({gpu['nvcc']}); "
+                                   f"GPUs: {gpu.get('gpus') or 'none visible'}")
+            if not gpu.get("gpus"):
+                yield Note("gpu", "nvidia-smi shows no GPU: llama.cpp is built with CUDA, "
+                                  "but workers can use it only once the driver sees a GPU")
 
         yield PhaseStarted("upload", f"Uploading rbee {__version__} to {layout.wheels}")
         with steps.step("upload"):
@@ -215,6 +304,16 @@ async def install_agent(node: Node, settings: OperatorSettings, *, api_key: str 
         yield PhaseStarted("venv", f"Preparing {layout.venv}")
         with steps.step("venv"):
             yield PhaseDone("venv", await steps.venv())
+
+        if backend == "cuda" and gpu.get("offload") == "True":
+            yield Note("cuda", "llama.cpp on the node already offloads to the GPU: no rebuild")
+        elif backend == "cuda":
+            yield PhaseStarted("cuda", f"Building {llama_requirement()} with CUDA on the node "
+                                       "(several minutes)")
+            with steps.step("cuda"):
+                async for event in _build_cuda(conn, steps, gpu["nvcc"]):
+                    yield event
+            yield PhaseDone("cuda", "llama.cpp built with CUDA")
 
         yield PhaseStarted("pip", f"pip install rbee[agent] {__version__}")
         with steps.step("pip"):
@@ -239,11 +338,9 @@ async def install_agent(node: Node, settings: OperatorSettings, *, api_key: str 
         yield PhaseStarted("health", f"Waiting for the agent on {node.agent_host}:"
                                      f"{node.agent_port}")
         with steps.step("health"):
-            health = await agent.wait_healthy()
+            health = await agent.wait_healthy(pid=started.pid)
             if health.version != __version__:
-                raise RbeeError(ErrorCode.VERSION_MISMATCH,
-                                f"the agent answers as rbee {health.version}, not "
-                                f"{__version__}")
+                raise version_mismatch(node.name, health.version)
         yield PhaseDone("health", f"rbee {health.version} answers")
 
     yield Finished(
@@ -251,5 +348,5 @@ async def install_agent(node: Node, settings: OperatorSettings, *, api_key: str 
         f"healthy ({how}, pid {started.pid})",
         data={"api_key": key, "api_key_reused": reused, "agent_version": health.version,
               "install_path": layout.root, "manager": manager, "pid": started.pid,
-              "python": python},
+              "python": python, "backend": backend},
     )

@@ -54,9 +54,10 @@ class LiveNodeSource:
         self._clients: dict[str, AgentClient] = {}
 
     async def client(self, name: str) -> AgentClient:
+        """Polls show a dead remote agent as dead; starting it is the operator's call."""
         client = self._clients.get(name)
         if client is None:
-            client = await self.links.open(name)
+            client = await self.links.open(name, cold_start=False)
             self._clients[name] = client
         return client
 

@@ -1,9 +1,11 @@
-"""The inference flow as one async stream of typed events (B50-B57, DESIGN principle 1).
+"""The inference flow as one async stream of typed events (B50-B57, principle 1).
 
-existing worker? → agent health and version → model provisioning → spawn → loading progress
-→ tokens → summary. The CLI prints these events and the TUI renders them; neither holds any
-flow logic. Inputs are validated before any network (B57). Cancelling the consuming task
-(Ctrl+C, Esc) cancels the request on the worker (B55).
+existing worker? → agent health and version → the model exists → spawn (or the queue of a
+busy worker) → loading progress → queue position → tokens → summary. The CLI prints these
+events and the TUI renders them; neither holds any flow logic. Inputs are validated before
+any network (B57). Cancelling the consuming task (Ctrl+C, Esc) cancels the request on the
+worker (B55). A reply is a success only when it ended as asked (`stop` or `length`) and
+said something (B144); anything else is an error that keeps what arrived (B53).
 """
 
 from __future__ import annotations
@@ -15,23 +17,45 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from rbee_agent.model_refs import parse_model_ref
+from pydantic import ValidationError
+
 from rbee_agent.protocol import (
-    BACKENDS,
     ChatMessage,
+    DoneEvent,
     ErrorBody,
     ErrorCode,
+    InferenceRequest,
+    QueuedEvent,
     RbeeError,
-    SpawnRequest,
+    StreamErrorEvent,
+    TokenEvent,
     WorkerInfo,
 )
-from rbee_tui.client import AgentClient
+from rbee_tui.client import AgentClient, localize_hint
 from rbee_tui.config import Config, OperatorSettings, state_dir
-from rbee_tui.events import Attempt, Event, Finished, PhaseDone, PhaseStarted, Progress, Token
+from rbee_tui.events import (
+    Attempt,
+    Event,
+    Finished,
+    Note,
+    PhaseDone,
+    PhaseStarted,
+    Queued,
+    Token,
+)
+from rbee_tui.ops import nodes as node_ops
+from rbee_tui.ops.models import download as download_flow
+from rbee_tui.ops.models import require_model
+from rbee_tui.ops.workers import SpawnSpec, spawn_events, validate_spawn
+
+__all__ = ["InferenceSpec", "download_flow", "run_inference", "validate"]
 
 ClientOpener = Callable[[str], Awaitable[AgentClient]]
+ENDED_AS_ASKED = ("stop", "length")
+BUSY_CODES = (ErrorCode.QUEUE_FULL, ErrorCode.ALL_SLOTS_BUSY)
+SPAWN_REFUSALS = (ErrorCode.INSUFFICIENT_RAM, ErrorCode.INSUFFICIENT_VRAM,
+                  ErrorCode.NO_FREE_PORT)
 
 
 @dataclass
@@ -47,15 +71,14 @@ class InferenceSpec:
     device: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # `rbee infer --prompt` sends a chat message; a model without a chat template gets
+    # this plain prompt instead (B144)
+    plain_fallback: str | None = None
 
 
 def validate(spec: InferenceSpec, config: Config) -> None:
     """B57: every input checked before anything touches the network."""
-    config.node(spec.node)
-    parse_model_ref(spec.model_ref)
-    if spec.backend is not None and spec.backend not in BACKENDS:
-        raise RbeeError(ErrorCode.INVALID_BACKEND, f"Unknown backend {spec.backend!r}",
-                        hint=f"Use one of: {', '.join(BACKENDS)}.")
+    validate_spawn(SpawnSpec(spec.node, spec.model_ref, spec.backend, spec.device), config)
     if not 0.0 <= spec.temperature <= 2.0:
         raise RbeeError(ErrorCode.INVALID_REQUEST,
                         f"Temperature {spec.temperature:g} is out of range",
@@ -64,13 +87,12 @@ def validate(spec: InferenceSpec, config: Config) -> None:
         raise RbeeError(ErrorCode.INVALID_REQUEST,
                         f"--max-tokens must be greater than 0, not {spec.max_tokens}",
                         hint="For example: --max-tokens 100.")
-    if spec.device < 0:
-        raise RbeeError(ErrorCode.DEVICE_NOT_FOUND, f"Device {spec.device} does not exist",
-                        hint="Devices are numbered from 0; see rbee nodes check NODE.")
     if (spec.prompt is None) == (spec.messages is None):
         raise RbeeError(ErrorCode.INVALID_REQUEST, "Give a prompt or a chat history, not both",
-                        hint="Use --prompt, with --chat to send it as a chat message.")
-    if spec.prompt is not None and not spec.prompt.strip():
+                        hint="Use --prompt (a chat message; --raw for a plain completion).")
+    text = spec.prompt if spec.prompt is not None else (
+        spec.messages[-1].content if spec.messages else "")
+    if not text.strip():
         raise RbeeError(ErrorCode.INVALID_REQUEST, "The prompt is empty",
                         hint="Pass some text with --prompt.")
 
@@ -92,136 +114,82 @@ async def run_inference(
     try:
         health = await client.check_version()
         yield PhaseDone("agent", f"agent {health.version} is up")
-
-        yield PhaseStarted("worker", f"Looking for an idle worker with {spec.model_ref}")
-        workers = await client.workers()
-        warm = next((w for w in workers if w.state == "idle" and _matches(w, spec)), None)
-        worker: WorkerInfo | None = warm
-        if warm is not None:
-            yield PhaseDone("worker", f"warm: reusing worker {warm.id}")
-        else:
-            yield PhaseDone("worker", "none idle: spawning one")
-            async for event in _spawn(client, spec, settings):
-                if isinstance(event, WorkerInfo):
-                    worker = event
-                else:
-                    yield event
+        worker: WorkerInfo | None = None
+        async for event in _choose_worker(client, spec, settings):
+            if isinstance(event, WorkerInfo):
+                worker = event
+            else:
+                yield event
         if worker is None:
             raise RbeeError(ErrorCode.WORKER_START_FAILED, "The spawned worker never got ready")
         async for event in _stream(client, worker, spec, settings):
             yield event
+        with contextlib.suppress(RbeeError, OSError):
+            await asyncio.to_thread(node_ops.touch, config, spec.node, health.version)
     finally:
         await client.aclose()
 
 
-async def _spawn(
-    client: AgentClient, spec: InferenceSpec, settings: OperatorSettings
-) -> AsyncIterator[Event | WorkerInfo]:
-    backend = spec.backend
-    if backend is None:
-        backend = "cuda" if "cuda" in (await client.node_info()).backends else "cpu"
-    yield PhaseStarted("spawn", f"Starting a {backend} worker for {spec.model_ref}")
-    reply = await client.spawn(SpawnRequest(model_ref=spec.model_ref, backend=backend,
-                                            device=spec.device))
-    worker = reply.worker
-    yield PhaseDone("spawn", f"worker {worker.id} (pid {worker.pid})")
-    if worker.state != "loading":
-        yield worker
+async def _choose_worker(client: AgentClient, spec: InferenceSpec,
+                         settings: OperatorSettings) -> AsyncIterator[Event | WorkerInfo]:
+    """B51, B148: an idle worker; else a busy one's queue, unless its queue is long and the
+    node has room for another copy; else a new worker, once the model is known to exist."""
+    yield PhaseStarted("worker", f"Looking for a worker with {spec.model_ref}")
+    matching = [w for w in await client.workers() if _matches(w, spec)]
+    idle = next((w for w in matching if w.state == "idle"), None)
+    if idle is not None:
+        yield PhaseDone("worker", f"warm: reusing worker {idle.id}")
+        yield idle
         return
-    yield PhaseStarted("loading", f"Loading {worker.model_id}")
-    layers, total = 0, worker.layers_total
-    downloading = False
+    busy = min((w for w in matching if w.state == "busy"), key=lambda w: w.queued,
+               default=None)
+    threshold = settings.spawn_when_queued
+    if busy is not None and (threshold == 0 or busy.queued < threshold):
+        yield PhaseDone("worker", f"worker {busy.id} is busy: joining its queue "
+                                  f"({busy.queued} waiting)")
+        yield busy
+        return
+    await require_model(client, spec.model_ref)
+    spawn = SpawnSpec(spec.node, spec.model_ref, spec.backend, spec.device,
+                      new=busy is not None)
+    yield PhaseDone("worker", "none idle: spawning one" if busy is None else
+                    f"worker {busy.id} has {busy.queued} waiting: spawning another")
     try:
-        async with asyncio.timeout(settings.loading_timeout_s):
-            async for event in client.progress(worker.id):
-                if event.stage == "failed" and event.error is not None:
-                    raise RbeeError.from_body(ErrorBody(error=event.error))
-                if event.stage == "downloading":  # an hf: model the node did not have yet
-                    downloading = True
-                    yield _download_progress(event.bytes_downloaded or 0,
-                                             event.bytes_total or 0, event.speed_mbps)
-                    continue
-                if downloading:
-                    downloading = False
-                    yield PhaseDone("download", "downloaded and verified")
-                layers, total = event.layers_loaded, event.layers_total
-                if event.stage == "ready":
-                    break
-                yield Progress("loading", layers, total, "layers")
-    except TimeoutError:
-        raise RbeeError(
-            ErrorCode.LOADING_TIMEOUT,
-            f"Worker {worker.id} did not finish loading {worker.model_id} within "
-            f"{settings.loading_timeout_s:g} s: stuck at layer {layers} of {total}",
-            hint="The node may be short of memory; see rbee logs --node "
-            f"{spec.node} --worker {worker.id}",
-            details={"layers_loaded": layers, "layers_total": total, "worker_id": worker.id},
-        ) from None
-    yield Progress("loading", total, total, "layers")
-    yield PhaseDone("loading", "ready")
-    yield await client.worker(worker.id)
-
-
-async def spawn_flow(
-    client: AgentClient, spec: InferenceSpec, settings: OperatorSettings
-) -> AsyncIterator[Event]:
-    """`rbee workers spawn`: the spawn and loading phases alone, ending with the worker."""
-    async for event in _spawn(client, spec, settings):
-        if isinstance(event, WorkerInfo):
-            yield Finished(f"worker {event.id} is {event.state} at {event.url}",
-                           event.model_dump())
-        else:
+        async for event in spawn_events(client, spawn, settings):
             yield event
+    except RbeeError as err:
+        if busy is None or err.code not in SPAWN_REFUSALS:
+            raise
+        yield Note("spawn", f"no room for another worker ({err.message}): joining the "
+                            f"queue of {busy.id}")
+        yield busy
 
 
-MB = 1024 * 1024
+def _request(spec: InferenceSpec, request_id: str) -> InferenceRequest:
+    return InferenceRequest(
+        prompt=spec.prompt, messages=spec.messages, max_tokens=spec.max_tokens,
+        temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed, stop=spec.stop,
+        stream=True, request_id=request_id,
+    )
 
 
-def _download_progress(done: int, total: int, speed_mbps: float | None) -> Progress:
-    speed = f"{speed_mbps:.1f} MB/s" if speed_mbps else ""
-    return Progress("download", round(done / MB, 1), round(total / MB, 1), "MB", speed)
+StreamEvent = TokenEvent | DoneEvent | QueuedEvent | StreamErrorEvent
 
 
-async def download_flow(client: AgentClient, model_ref: str) -> AsyncIterator[Event]:
-    """`rbee models download` and the models screen: B37's progress to the operator."""
-    parse_model_ref(model_ref)
-    yield PhaseStarted("download", f"Fetching {model_ref} on {client.node}")
-    job = await client.download(model_ref)
-    if job.stage == "complete":
-        yield Finished(f"{job.model_id} is already on {client.node}", job.model_dump())
-        return
-    if job.joined:
-        yield PhaseDone("download", "joined the download already under way")
+def _parse(data: dict[str, object]) -> StreamEvent:
+    """One SSE frame of an inference stream as its protocol model (parsed once, here)."""
+    model: type[StreamEvent] = (TokenEvent if "token" in data else DoneEvent if "done" in data
+                                else QueuedEvent if "queued" in data else StreamErrorEvent)
     try:
-        async for event in client.download_progress(job.job_id):
-            if event.stage == "downloading":
-                yield _download_progress(event.bytes_downloaded, event.bytes_total,
-                                         event.speed_mbps)
-            elif event.stage == "failed" and event.error is not None:
-                raise RbeeError.from_body(ErrorBody(error=event.error))
-            elif event.stage == "complete":
-                yield Finished(f"{event.model_id} downloaded to {event.local_path}",
-                               event.model_dump())
-                return
-    except asyncio.CancelledError:
-        with contextlib.suppress(RbeeError, TimeoutError):
-            async with asyncio.timeout(5):
-                await asyncio.shield(client.cancel_download(job.job_id))
-        raise
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RbeeError(ErrorCode.MALFORMED_REPLY,
+                        f"The stream sent a frame rbee cannot read: {str(data)[:80]}",
+                        details={"problem": exc.errors()[0]["msg"]}) from None
 
 
-def _body(spec: InferenceSpec) -> dict[str, Any]:
-    body: dict[str, Any] = {"max_tokens": spec.max_tokens, "temperature": spec.temperature,
-                            "top_p": spec.top_p, "stream": True}
-    if spec.messages is not None:
-        body["messages"] = [m.model_dump() for m in spec.messages]
-    else:
-        body["prompt"] = spec.prompt
-    if spec.seed is not None:
-        body["seed"] = spec.seed
-    if spec.stop:
-        body["stop"] = spec.stop
-    return body
+def _no_template(err: RbeeError) -> bool:
+    return err.code == ErrorCode.INVALID_REQUEST and "chat template" in err.message
 
 
 async def _stream(
@@ -232,39 +200,52 @@ async def _stream(
     parts: list[str] = []
     started = time.perf_counter()
     first_token: float | None = None
-    retries = settings.busy_retry_s
-    attempt = 0
+    retry = settings.queue_full_retry
+    attempt = 1
     while True:
-        stream = client.inference(worker.id, _body(spec), request_id)
+        stream = client.inference(worker.id, _request(spec, request_id), request_id)
         try:
             async for data in _with_stall_timeout(stream, settings.token_stall_s):
-                if "token" in data:
+                event = _parse(data)
+                if isinstance(event, TokenEvent):
                     if first_token is None:
                         first_token = time.perf_counter()
-                    parts.append(str(data["token"]))
-                    yield Token(str(data["token"]), int(data.get("index", len(parts) - 1)))
-                elif data.get("done"):
-                    yield _summary(data, parts, started, first_token, worker, request_id)
+                    parts.append(event.token)
+                    yield Token(event.token, event.index)
+                elif isinstance(event, QueuedEvent):
+                    yield Queued(event.queued)
+                elif isinstance(event, DoneEvent):
+                    yield _finished(event, parts, started, first_token, worker, spec,
+                                    request_id)
                     return
-                elif "error" in data:
-                    raise RbeeError.from_body(ErrorBody.model_validate(data))
+                else:
+                    raise RbeeError.from_body(ErrorBody(error=event.error))
             return
         except RbeeError as err:
-            if err.code == ErrorCode.ALL_SLOTS_BUSY and not parts and attempt < len(retries):
-                wait = retries[attempt]
-                attempt += 1
-                yield Attempt("inference", attempt, len(retries) + 1, err, retry_in_s=wait)
-                await asyncio.sleep(wait)
+            if err.hint:
+                err.hint = localize_hint(err.hint, spec.node)
+            if not parts and spec.plain_fallback is not None and _no_template(err):
+                yield Note("inference", "the model has no chat template: sending the prompt "
+                                        "as a plain completion")
+                spec.prompt, spec.messages, spec.plain_fallback = spec.plain_fallback, None, None
                 continue
-            if err.code == ErrorCode.ALL_SLOTS_BUSY:
+            if err.code in BUSY_CODES and not parts:
+                wait = retry.wait_after(attempt)
+                if wait is not None:
+                    wait = float(err.details.get("retry_after_s") or wait)
+                    yield Attempt("inference", attempt, retry.attempts, err, retry_in_s=wait)
+                    attempt += 1
+                    await asyncio.sleep(wait)
+                    continue
                 err.hint = (f"Worker {worker.id} stayed busy. Try again later, spawn another "
-                            "worker (rbee workers spawn), or start workers with more slots.")
+                            "worker (rbee workers spawn --new), or start workers with more "
+                            "slots.")
                 raise err from None
             if err.code == ErrorCode.STREAM_STALLED:
                 await _cancel_quietly(client, worker.id, request_id)
             if parts and err.code in (ErrorCode.WORKER_CRASHED, ErrorCode.STREAM_INTERRUPTED,
                                       ErrorCode.STREAM_STALLED):
-                raise _interrupted(err, parts, spec, request_id) from None
+                raise _interrupted(err, parts, spec, request_id, worker) from None
             raise
         except asyncio.CancelledError:
             await asyncio.shield(_cancel_quietly(client, worker.id, request_id))
@@ -274,8 +255,8 @@ async def _stream(
 
 
 async def _with_stall_timeout(
-    stream: AsyncIterator[dict[str, Any]], stall_s: float
-) -> AsyncIterator[dict[str, Any]]:
+    stream: AsyncIterator[dict[str, object]], stall_s: float
+) -> AsyncIterator[dict[str, object]]:
     """B54: no event for `stall_s` seconds ends the stream with STREAM_STALLED."""
     iterator = stream.__aiter__()
     while True:
@@ -301,23 +282,48 @@ async def _cancel_quietly(client: AgentClient, worker_id: str, request_id: str) 
         pass
 
 
-def _summary(data: dict[str, Any], parts: list[str], started: float,
-             first_token: float | None, worker: WorkerInfo, request_id: str) -> Finished:
+def _finished(done: DoneEvent, parts: list[str], started: float, first_token: float | None,
+              worker: WorkerInfo, spec: InferenceSpec, request_id: str) -> Finished:
+    """B144: the summary of a reply that ended as asked and said something; any other end
+    is an error that saves what arrived."""
+    text = "".join(parts)
+    if done.finish_reason not in ENDED_AS_ASKED:
+        cut = RbeeError(
+            ErrorCode.STREAM_INTERRUPTED,
+            f"The reply was cut off on worker {worker.id} (finish reason "
+            f"'{done.finish_reason}': the worker was stopped or failed)",
+            hint=f"See why: rbee logs --node {spec.node} --worker {worker.id}; run the "
+            "request again to get a whole reply.",
+            details={"finish_reason": done.finish_reason},
+        )
+        raise _interrupted(cut, parts, spec, request_id, worker)
+    if not text.strip():
+        plain = spec.prompt is not None
+        raise RbeeError(
+            ErrorCode.GENERATION_FAILED,
+            f"The model answered nothing: it ended its reply after {done.total_tokens} "
+            f"token(s) (finish reason '{done.finish_reason}')",
+            hint="Instruct models often end a plain completion at once: drop --raw so the "
+            "prompt goes as a chat message." if plain else
+            "Rephrase the prompt, or sample differently (--temperature, --seed).",
+            details={"finish_reason": done.finish_reason, "tokens": done.total_tokens,
+                     "reason": "empty"},
+        )
     elapsed = time.perf_counter() - started
-    tokens = int(data.get("total_tokens", len(parts)))
+    tokens = done.total_tokens
     gen_time = elapsed - ((first_token - started) if first_token else 0.0)
     tok_s = (tokens - 1) / gen_time if tokens > 1 and gen_time > 0 else 0.0
     return Finished(
         f"{tokens} tokens in {elapsed:.2f} s ({tok_s:.1f} tokens/s)",
-        {"text": "".join(parts), "tokens": tokens, "duration_ms": round(elapsed * 1000, 1),
-         "tokens_per_s": round(tok_s, 2), "finish_reason": data.get("finish_reason"),
+        {"text": text, "tokens": tokens, "duration_ms": round(elapsed * 1000, 1),
+         "tokens_per_s": round(tok_s, 2), "finish_reason": done.finish_reason,
          "ttft_ms": round((first_token - started) * 1000, 1) if first_token else None,
          "worker_id": worker.id, "request_id": request_id},
     )
 
 
-def _interrupted(err: RbeeError, parts: list[str], spec: InferenceSpec,
-                 request_id: str) -> RbeeError:
+def _interrupted(err: RbeeError, parts: list[str], spec: InferenceSpec, request_id: str,
+                 worker: WorkerInfo) -> RbeeError:
     """B53: keep what arrived, say where it is and how much of it there is."""
     folder = state_dir() / "partial"
     folder.mkdir(parents=True, exist_ok=True)
@@ -327,7 +333,8 @@ def _interrupted(err: RbeeError, parts: list[str], spec: InferenceSpec,
         err.code,
         f"{err.message} — got {len(parts)} of {spec.max_tokens} tokens; partial text saved "
         f"to {path}",
-        hint=err.hint or "Run the request again; the worker will be respawned if needed.",
+        hint=err.hint or f"See why: rbee logs --node {spec.node} --worker {worker.id}; run "
+        "the request again (the worker is respawned if needed).",
         details={**err.details, "partial_path": str(path), "tokens": len(parts),
                  "max_tokens": spec.max_tokens},
     )

@@ -19,6 +19,7 @@ import asyncio
 import math
 import posixpath
 import shlex
+import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -27,7 +28,8 @@ import httpx
 from pydantic import ValidationError
 
 from rbee_agent import __version__
-from rbee_agent.protocol import ErrorCode, HealthReply, RbeeError
+from rbee_agent.protocol import ErrorCode, HealthReply, NodeInfo, RbeeError
+from rbee_tui.client import version_mismatch
 from rbee_tui.config import Node, OperatorSettings
 from rbee_tui.events import Event, Finished, PhaseDone, PhaseStarted
 from rbee_tui.ssh_conn import (
@@ -129,15 +131,6 @@ def not_installed(node: Node, root: str) -> RbeeError:
     )
 
 
-def version_mismatch(node: Node, version: str) -> RbeeError:
-    return RbeeError(
-        ErrorCode.VERSION_MISMATCH,
-        f"The agent of node '{node.name}' runs rbee {version}; this rbee is {__version__}",
-        hint=f"Upgrade the node with: rbee nodes install {node.name}",
-        details={"node": node.name, "agent_version": version, "operator_version": __version__},
-    )
-
-
 # ------------------------------------------------------------------ node-side scripts
 
 _ALIVE = r"""
@@ -218,6 +211,18 @@ echo "stopped=$stopped"
 """
 
 
+_PORT_HOLDER = r"""
+line=$(ss -ltnpH "sport = :$port" 2>/dev/null | head -n 1)
+pid=$(printf '%s' "$line" | sed -n 's/.*pid=\([0-9][0-9]*\).*/\1/p')
+if [ -n "$pid" ]; then
+  echo "pid=$pid"
+  echo "user=$(ps -o user= -p "$pid" 2>/dev/null)"
+  echo "args=$(ps -o args= -p "$pid" 2>/dev/null | cut -c1-100)"
+fi
+true
+"""
+
+
 def _unit_quote(arg: str) -> str:
     escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
     return f'"{escaped}"'
@@ -255,6 +260,7 @@ class RemoteAgent:
         self.settings = conn.settings
         self.layout = layout
         self._local_port: int | None = None
+        self._stranger = False  # something that is not this agent answered on its port
 
     @classmethod
     async def open(cls, conn: SshConnection) -> RemoteAgent:
@@ -343,17 +349,34 @@ class RemoteAgent:
                                                        self.node.agent_port)
         return f"http://127.0.0.1:{self._local_port}"
 
-    async def wait_healthy(self, timeout_s: float | None = None) -> HealthReply:
-        """Poll /v1/health through the forward until it answers; fail fast when the agent
-        process is gone, and with its last log lines either way."""
+    async def api_key(self) -> str | None:
+        """The key the node's agent reads from its config (over SFTP: never on a command
+        line); None when the config holds none."""
+        raw = await self.conn.read_file(self.layout.config)
+        try:
+            key = tomllib.loads(raw.decode()).get("api_key") if raw else None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+            return None
+        return key if isinstance(key, str) and key else None
+
+    async def wait_healthy(self, timeout_s: float | None = None, pid: int | None = None
+                           ) -> HealthReply:
+        """Wait until the agent answers as itself (B140): an authenticated `GET /v1/node`
+        with the key of its config, reporting the pid that was started (when it reports one
+        and `pid` is given). Fail fast when the agent process is gone, with its last log
+        lines and, when something else answered on its port, saying so."""
         limit = timeout_s if timeout_s is not None else self.settings.agent_start_timeout_s
-        url = await self.local_url() + "/v1/health"
+        base = await self.local_url()
+        key = await self.api_key()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         checked = loop.time()
-        async with httpx.AsyncClient(timeout=self.settings.http_timeout_s) as http:
+        self._stranger = False
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with httpx.AsyncClient(base_url=base, headers=headers,
+                                     timeout=self.settings.http_timeout_s) as http:
             while True:
-                reply = await self._health(http, url)
+                reply = await self._health(http, pid, authenticated=key is not None)
                 if reply is not None:
                     return reply
                 now = loop.time()
@@ -367,23 +390,43 @@ class RemoteAgent:
                         raise await self._start_failed("exited while starting")
                 await asyncio.sleep(HEALTH_POLL_S)
 
-    async def _health(self, http: httpx.AsyncClient, url: str) -> HealthReply | None:
+    async def _health(self, http: httpx.AsyncClient, pid: int | None, authenticated: bool
+                      ) -> HealthReply | None:
+        """Our agent's health, or None while it is not (yet) the one answering."""
         try:
-            reply = await http.get(url)
+            if authenticated:
+                node = await http.get("/v1/node")
+                if node.status_code in (401, 403):
+                    self._stranger = True
+                    return None
+                if node.status_code != 200:
+                    return None
+                info = NodeInfo.model_validate_json(node.content)
+                if pid is not None and info.agent_pid not in (None, pid):
+                    self._stranger = True
+                    return None
+            reply = await http.get("/v1/health")
         except httpx.HTTPError:
             return None
+        except ValidationError:
+            raise self._not_an_agent() from None
         if reply.status_code != 200:
             return None
         try:
             return HealthReply.model_validate_json(reply.content)
         except ValidationError:
-            raise RbeeError(
-                ErrorCode.AGENT_UNREACHABLE,
-                f"Port {self.node.agent_port} on node '{self.node.name}' answers, but not as "
-                "an rbee agent",
-                hint="Another program uses that port: pick another agent port for the node.",
-                details={"node": self.node.name, "port": self.node.agent_port},
-            ) from None
+            raise self._not_an_agent() from None
+
+    def _not_an_agent(self) -> RbeeError:
+        return RbeeError(
+            ErrorCode.AGENT_UNREACHABLE,
+            f"Port {self.node.agent_port} on node '{self.node.name}' answers, but not as "
+            "an rbee agent",
+            hint="Another program uses that port: pick another agent port for the node "
+            f"(rbee nodes edit {self.node.name} --agent-port N, then rbee nodes install "
+            f"{self.node.name}).",
+            details={"node": self.node.name, "port": self.node.agent_port},
+        )
 
     async def _start_failed(self, what: str) -> RbeeError:
         tails = await self.log_tails(lines=20)
@@ -392,12 +435,32 @@ class RemoteAgent:
         last = next((ln for ln in reversed(lines) if "error" in ln.lower()),
                     lines[-1] if lines else "no output")
         source = next((t.source for t in tails if t.lines), self.layout.out_file)
+        held = (f"; port {self.node.agent_port} on the node is held by another agent"
+                f"{await self._port_holder()}, one that refuses this node's key"
+                if self._stranger else "")
         return RbeeError(
             ErrorCode.AGENT_UNREACHABLE,
-            f"The agent on node '{self.node.name}' {what}: {last}",
-            hint=f"Its output is in {source} on the node (last lines in the details).",
-            details={"node": self.node.name, "log": source, "log_tail": lines},
+            f"The agent on node '{self.node.name}' {what}: {last}{held}",
+            hint=f"Its output is in {source} on the node (last lines in the details)."
+            + (f" Give the node's agent a free port: rbee nodes edit {self.node.name} "
+               f"--agent-port N, then rbee nodes install {self.node.name}."
+               if self._stranger else ""),
+            details={"node": self.node.name, "log": source, "log_tail": lines,
+                     "port_held": self._stranger},
         )
+
+    async def _port_holder(self) -> str:
+        """Who listens on the agent's port on the node, where `ss` there shows it (B140)."""
+        script = f"port={int(self.node.agent_port)}\n{_PORT_HOLDER}"
+        try:
+            facts = parse_facts((await self.conn.run_script(
+                script, check=False, what="Looking up the port's owner")).stdout)
+        except RbeeError:
+            return ""
+        if not facts.get("pid"):
+            return ""
+        return (f" (pid {facts['pid']}, user {facts.get('user') or '?'}: "
+                f"{facts.get('args') or '?'})")
 
     async def log_tails(self, lines: int = LOG_LINES) -> list[LogTail]:
         """The last lines of the agent's output (agent.out, or the journal under systemd)
@@ -449,9 +512,9 @@ async def _start_and_wait(agent: RemoteAgent) -> AsyncIterator[Event]:
     yield PhaseDone("start", f"Already running (pid {before.pid})" if before.running
                     else f"Started as a {how} (pid {status.pid})")
     yield PhaseStarted("health", f"Waiting for the agent on {node.agent_host}:{node.agent_port}")
-    health = await agent.wait_healthy()
+    health = await agent.wait_healthy(pid=status.pid)
     if health.version != __version__:
-        raise version_mismatch(node, health.version)
+        raise version_mismatch(node.name, health.version)
     yield PhaseDone("health", f"rbee {health.version} answers")
     yield Finished(f"The agent of node '{node.name}' runs rbee {health.version} "
                    f"(pid {status.pid}, {how})",

@@ -1,8 +1,8 @@
 """SSH connections to nodes (asyncssh): connect with retries, classify failures, run
 commands, SFTP, local port forwards. `rbee_tui.ssh` is the public face; import from there.
 
-- `Dialer` / `connect()`: up to `ssh_attempts` tries with `ssh_connect_timeout_s` each and
-  `ssh_backoff_ms` between them, one `Attempt` event per try (B01). Only an unreachable host
+- `Dialer` / `connect()`: tries by the `ssh_retry` policy (the one retry policy, B142) with
+  `ssh_connect_timeout_s` each, one `Attempt` event per try (B01). Only an unreachable host
   is retried; refused authentication and host-key problems end at once (retrying cannot
   help) with their own message and fix (B02).
 - Host keys are checked against rbee's own known_hosts (`ssh_hostkeys`), never
@@ -193,12 +193,6 @@ class _Client(asyncssh.SSHClient):
         self.lost = True
 
 
-def backoff_s(settings: OperatorSettings, attempt: int) -> float:
-    """Delay before try number `attempt` (1-based): ssh_backoff_ms[attempt - 1], last repeats."""
-    delays = settings.ssh_backoff_ms or [0]
-    return delays[min(attempt - 1, len(delays) - 1)] / 1000
-
-
 async def connect_once(node: Node, settings: OperatorSettings, *,
                        accept_new_host_key: bool = False) -> SshConnection:
     """One try, no retries; any failure comes out as a classified RbeeError."""
@@ -250,26 +244,24 @@ class Dialer:
     async def events(self) -> AsyncIterator[Event]:
         require_ssh(self.node)
         load_key(self.node)  # a missing key ends here: nothing is sent
-        total = self.settings.ssh_attempts
-        for number in range(1, total + 1):
-            delay = backoff_s(self.settings, number)
-            if delay > 0:
-                await asyncio.sleep(delay)
+        retry = self.settings.ssh_retry
+        for number in range(1, retry.attempts + 1):
             try:
                 self.connection = await connect_once(
                     self.node, self.settings, accept_new_host_key=self.accept_new_host_key)
             except RbeeError as err:
-                retry = err.code == ErrorCode.SSH_UNREACHABLE and number < total
+                wait = (retry.wait_after(number) if err.code == ErrorCode.SSH_UNREACHABLE
+                        else None)
                 err.details["attempts"] = number
-                yield Attempt(self.phase, number, total, error=err,
-                              retry_in_s=backoff_s(self.settings, number + 1) if retry else None)
+                yield Attempt(self.phase, number, retry.attempts, error=err, retry_in_s=wait)
                 if err.code == ErrorCode.SSH_HOST_KEY_UNKNOWN:
                     d = err.details
                     yield HostKeyUnknown(d["host"], d["port"], d["key_type"], d["fingerprint"])
-                if not retry:
+                if wait is None:
                     raise err
+                await asyncio.sleep(wait)
                 continue
-            yield Attempt(self.phase, number, total)
+            yield Attempt(self.phase, number, retry.attempts)
             return
 
     async def phase_events(self) -> AsyncIterator[Event]:

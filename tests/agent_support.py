@@ -20,6 +20,9 @@ FAST = {
     "idle-timeout-s": "300",
     "idle-check-s": "0.1",
     "stop-grace-s": "5",
+    # No worker queue unless a test asks: a busy 1-slot worker answers ALL_SLOTS_BUSY at once
+    # (B44) instead of holding the request; tests of the queue set their own depth.
+    "worker-queue-depth": "0",
 }
 
 
@@ -87,7 +90,7 @@ class AgentProc:
 
 def start_agent(
     home: Path, key: str = "agent-test-key", env: dict[str, str] | None = None,
-    port: int | None = None, **settings: str
+    port: int | None = None, **settings: str | None,
 ) -> AgentProc:
     """An agent on a free port (or `port`); `env` adds to (or overrides) the inherited
     environment."""
@@ -99,7 +102,7 @@ def start_agent(
              "port": str(port)}
     args = [sys.executable, "-m", "rbee_agent", "serve", "--config", str(home / "agent.toml")]
     for name, value in flags.items():
-        args += [f"--{name}", value]
+        args += [f"--{name}"] if value is None else [f"--{name}", value]  # None: a switch
     full_env = {**os.environ, "RBEE_AGENT_API_KEY": key, "PYTHONUNBUFFERED": "1", **(env or {})}
     with (home / "stderr.log").open("ab") as err:
         proc = subprocess.Popen(args, stdout=err, stderr=subprocess.STDOUT, cwd=REPO,

@@ -134,6 +134,7 @@ async def _exec(process: asyncssh.SSHServerProcess[bytes]) -> None:
         return
     proc = await asyncio.create_subprocess_exec(
         "/bin/sh", "-c", process.command, cwd=HOME,
+        env={**os.environ, "PIP_FIND_LINKS": pip_find_links()},
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stderr is not None
@@ -240,11 +241,23 @@ PermitRootLogin prohibit-password
 AllowTcpForwarding yes
 Subsystem sftp internal-sftp
 LogLevel VERBOSE
+MaxStartups 100
+SetEnv PIP_FIND_LINKS="{find_links}"{more_env}
 """
 
 
-def start_sshd(home: Path, authorized: list[Path]) -> OpenSshd:
-    """Start sshd on a free loopback port, or skip the test saying why it cannot run."""
+def pip_find_links() -> str:
+    """Where a node's pip finds wheels in tests: the machine's own find-links and the
+    llama-cpp-python wheel dev.sh built (else every install on a fresh machine compiles
+    llama.cpp for ~6 minutes). sshd gives sessions a clean environment, so it is set there."""
+    cache = os.environ.get("RBEE_WHEEL_CACHE") or str(Path.home() / ".cache/rbee/wheels")
+    return " ".join(p for p in (os.environ.get("PIP_FIND_LINKS"), cache) if p)
+
+
+def start_sshd(home: Path, authorized: list[Path], env: dict[str, str] | None = None
+               ) -> OpenSshd:
+    """Start sshd on a free loopback port, or skip the test saying why it cannot run.
+    `env`: more variables for the sessions (a node with another PATH)."""
     if not SSHD.exists():
         pytest.skip(f"OpenSSH sshd is not installed ({SSHD} missing; .ci/run installs "
                     "openssh-server with apt-get)")
@@ -258,7 +271,10 @@ def start_sshd(home: Path, authorized: list[Path]) -> OpenSshd:
     (home / "authorized_keys").write_text("".join(public_line(k) + "\n" for k in authorized))
     port = free_port()
     config = home / "sshd_config"
-    config.write_text(SSHD_CONFIG.format(port=port, home=home))
+    more_env = "".join(f' {k}="{v}"' for k, v in (env or {}).items())  # one SetEnv line:
+    # sshd takes the first line of each keyword
+    config.write_text(SSHD_CONFIG.format(port=port, home=home, find_links=pip_find_links(),
+                                         more_env=more_env))
     with (home / "sshd.log").open("wb") as log:
         proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)

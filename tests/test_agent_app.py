@@ -6,6 +6,7 @@ spawned because preflight refuses first.
 
 from __future__ import annotations
 
+import math
 import re
 import stat
 import subprocess
@@ -88,8 +89,11 @@ async def test_b25_insufficient_ram_names_required_and_available(
     err = r.json()["error"]
     assert err["code"] == "INSUFFICIENT_RAM"
     size_mb = bundled_model_path().stat().st_size / 1024 / 1024
-    assert err["details"]["required_mb"] == int(size_mb * 1.2) + 1
-    assert err["details"]["available_mb"] == 50
+    details = err["details"]
+    # B121: weights + KV cache (2048 × 30 layers × 3 KV heads × 128 × 2 bytes) + compute.
+    assert details["weights_mb"] == math.ceil(size_mb) and details["kv_cache_mb"] == 45
+    assert details["required_mb"] == details["weights_mb"] + 45 + details["compute_mb"]
+    assert details["available_mb"] == 50
     assert (await client.get("/v1/workers")).json()["workers"] == []
 
 

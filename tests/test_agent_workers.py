@@ -123,8 +123,10 @@ def test_b44_busy_answer_passes_through_the_agent(agent: AgentProc) -> None:
         next(frames)
         busy = agent.post(f"/v1/workers/{worker['id']}/inference", json={"prompt": "x"})
         assert busy.status_code == 503
-        assert busy.json()["error"]["details"] == {"slots_total": 1, "slots_busy": 1,
-                                                   "hint": busy.json()["error"]["details"]["hint"]}
+        details = busy.json()["error"]["details"]
+        assert details == {"slots_total": 1, "slots_busy": 1, "hint": details["hint"],
+                           "retry_after_s": details["retry_after_s"]}
+        assert busy.headers["retry-after"] == str(details["retry_after_s"])
         httpx.delete(f"{url}/inference/{r.headers['x-request-id']}", headers=agent.headers)
     agent.delete(f"/v1/workers/{worker['id']}")
 
@@ -213,7 +215,8 @@ def test_b32_worker_dying_while_starting_reports_its_last_lines(
     err = failed["error"]
     assert err["code"] == "WORKER_START_FAILED" and err["details"]["exit_code"] == 1
     assert any(str(cut) in line for line in err["details"]["last_lines"])
-    assert agent.get(f"/v1/workers/{worker['id']}").status_code == 404
+    kept = agent.get(f"/v1/workers/{worker['id']}").json()  # B127: kept, as failed
+    assert kept["state"] == "failed" and kept["error"]["code"] == "WORKER_START_FAILED"
     assert "exited with code 1" in agent.log()
 
 

@@ -43,7 +43,7 @@ def test_b37_models_download_shows_progress_then_lists_the_model(hub_rbee: RbeeE
 
 
 def test_b50_infer_on_a_missing_hf_model_downloads_then_loads(hub_rbee: RbeeEnv) -> None:
-    r = hub_rbee.run("infer", "--model", "hf:bees/Tiny-GGUF", "--prompt",
+    r = hub_rbee.run("infer", "--model", "hf:bees/Tiny-GGUF", "--raw", "--prompt",
                      "The capital of France is", "--max-tokens", "6", "--temperature", "0")
     assert r.returncode == 0, r.stderr
     assert "download" in r.stderr and "downloaded and verified" in r.stderr

@@ -18,7 +18,7 @@ from tests.support import LONG_PROMPT
 
 
 def test_b50_cold_then_warm_infer_on_localhost(rbee: RbeeEnv) -> None:
-    cold = rbee.run("infer", "--prompt", "The capital of France is", "--max-tokens", "8",
+    cold = rbee.run("infer", "--raw", "--prompt", "The capital of France is", "--max-tokens", "8",
                     "--temperature", "0")
     assert cold.returncode == 0, cold.stderr
     assert "Paris" in cold.stdout
@@ -28,7 +28,7 @@ def test_b50_cold_then_warm_infer_on_localhost(rbee: RbeeEnv) -> None:
     assert re.search(r"8 tokens in [\d.]+ s \([\d.]+ tokens/s\)", cold.stderr)
     # B09: the agent stays up for the next request, which is warm (B51).
     assert psutil.pid_exists(rbee.agent_pid() or -1)
-    warm = rbee.run("infer", "--prompt", "The capital of France is", "--max-tokens", "8",
+    warm = rbee.run("infer", "--raw", "--prompt", "The capital of France is", "--max-tokens", "8",
                     "--temperature", "0", "--json")
     assert warm.returncode == 0, warm.stderr
     assert "warm: reusing worker" in warm.stderr and "Loading" not in warm.stderr
@@ -79,7 +79,7 @@ def test_b56_usage_errors_exit_2(rbee: RbeeEnv) -> None:
 def test_b55_ctrl_c_cancels_on_the_worker_and_exits_130(rbee: RbeeEnv) -> None:
     warmup = rbee.run("infer", "--prompt", "Hi", "--max-tokens", "1")
     assert warmup.returncode == 0, warmup.stderr
-    proc = rbee.popen("infer", "--prompt", LONG_PROMPT, "--max-tokens", "1500",
+    proc = rbee.popen("infer", "--raw", "--prompt", LONG_PROMPT, "--max-tokens", "1500",
                       "--temperature", "0")
     assert proc.stdout is not None
     proc.stdout.read(20)  # tokens are flowing
@@ -99,7 +99,7 @@ def test_b53_worker_killed_mid_stream_saves_the_partial_text(rbee: RbeeEnv) -> N
     worker_id = json.loads(warmup.stdout)["worker_id"]
     listed = json.loads(rbee.run("workers", "list", "--node", "localhost", "--json").stdout)
     pid = next(w["pid"] for w in listed if w["id"] == worker_id)
-    proc = rbee.popen("infer", "--prompt", LONG_PROMPT, "--max-tokens", "1500",
+    proc = rbee.popen("infer", "--raw", "--prompt", LONG_PROMPT, "--max-tokens", "1500",
                       "--temperature", "0")
     assert proc.stdout is not None
     got = proc.stdout.read(40)

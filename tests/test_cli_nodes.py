@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
 import stat
 import tomllib
+
+import tomli_w
 
 from rbee_agent import __version__
 from tests.cli_support import RbeeEnv
@@ -54,7 +57,7 @@ def test_b01_b06_b10_add_install_then_infer_through_the_forward(
         node = registry(rbee)["n1"]
         assert node["agent_version"] == __version__ and len(node["api_key"]) >= 32
 
-        infer = rbee.run("infer", "--node", "n1", "--prompt", "The capital of France is",
+        infer = rbee.run("infer", "--node", "n1", "--raw", "--prompt", "The capital of France is",
                          "--max-tokens", "8", "--temperature", "0", "--json", timeout=300)
         assert infer.returncode == 0, infer.stderr
         assert "Paris" in json.loads(infer.stdout)["text"]
@@ -62,9 +65,13 @@ def test_b01_b06_b10_add_install_then_infer_through_the_forward(
         assert listed and listed[0]["model_id"] == "smollm2-135m"
         check = rbee.run("nodes", "check", "n1", "--json")
         assert check.returncode == 0 and json.loads(check.stdout)["agent_version"] == __version__
+        assert check.stderr.count("answered (") == 1, "the SSH summary is said once"
     finally:
         stop = rbee.run("nodes", "stop", "n1")
     assert stop.returncode == 0, stop.stderr
+    config = tomllib.loads(rbee.config.read_text())
+    config["settings"]["cold_start"] = False  # else the agent is started again (B143)
+    rbee.config.write_bytes(tomli_w.dumps(config).encode())
     down = rbee.run("infer", "--node", "n1", "--prompt", "x")
     assert down.returncode == 1 and "rbee nodes start n1" in down.stderr
 
@@ -108,8 +115,10 @@ def test_b03_b04_b05_duplicate_list_edit_remove(rbee: RbeeEnv, ssh_env: SshEnv,
     listed = json.loads(rbee.run("nodes", "list", "--json").stdout)
     assert [n["name"] for n in listed] == ["localhost", "n1"]
     assert all("api_key" not in n for n in listed)
-    table = rbee.run("nodes", "list").stdout
-    assert "n1" in table and f"127.0.0.1:{sshd.port}" in table and "reachable" in table
+    table = rbee.run("nodes", "list").stdout  # live: n1 answers SSH, but has no agent
+    assert "n1" in table and f"127.0.0.1:{sshd.port}" in table
+    assert re.search(r"n1 .* down .* (Cannot reach|does not accept)", table), table
+    assert registry(rbee)["n1"]["status"] == "agent down"
     assert rbee.run("nodes", "edit", "n1", "--install-path", "/opt/rbee").returncode == 0
     assert registry(rbee)["n1"]["install_path"] == "/opt/rbee"
     assert rbee.run("nodes", "remove", "n1").returncode == 2  # not a terminal: needs --yes

@@ -231,5 +231,5 @@ def test_b184_a_busy_worker_is_a_retryable_503(agent: AgentProc) -> None:
     if second.status_code == 200:  # a worker with a queue (issue 13) serves it in turn
         return
     assert second.status_code == 503, second.text
-    assert second.headers["retry-after"] == "1"
+    assert int(second.headers["retry-after"]) >= 1  # about when a slot frees up
     assert second.json()["error"]["type"] == "server_error"

@@ -610,11 +610,14 @@ def test_b37_spawn_refused_by_its_preflight_fetches_nothing(
     hub: TestHub, start_hub_agent: Callable[..., AgentProc], model: Blob
 ) -> None:
     hub.add_repo("acme/too-big", {"m-Q4_K_M.gguf": model})
-    a = start_hub_agent("tiny-node", **{"ram-factor": "1000000"})
+    # ram_factor: choosing a repo's file; ram_reserve_mb: the spawn preflight (B121)
+    a = start_hub_agent("tiny-node", **{"ram-factor": "1000000",
+                                        "ram-reserve-mb": "100000000"})
     before = len(hub.cdn_gets(model))
     err = error_of(a.post("/v1/workers", json={"model_ref": "hf:acme/too-big/m-Q4_K_M.gguf"}),
                    507, "INSUFFICIENT_RAM")
-    assert err["details"]["required_mb"] > err["details"]["available_mb"]
+    details = err["details"]
+    assert details["required_mb"] + details["reserve_mb"] > details["available_mb"]
     # For a whole repo, the choice itself says nothing fits, and names the file to force it.
     err = error_of(a.post("/v1/models/download", json={"model_ref": "hf:acme/too-big"}),
                    507, "INSUFFICIENT_RAM")
@@ -634,6 +637,9 @@ def test_b37_failed_download_fails_the_waiting_worker(hub: TestHub, hub_agent: A
     assert events[0]["stage"] == "downloading"
     assert events[-1]["stage"] == "failed"
     assert events[-1]["error"]["code"] == "CHECKSUM_MISMATCH"
+    kept = hub_agent.get(f"/v1/workers/{worker['id']}").json()  # B127: kept, as failed
+    assert kept["state"] == "failed" and kept["error"]["code"] == "CHECKSUM_MISMATCH"
+    assert hub_agent.delete(f"/v1/workers/{worker['id']}").status_code == 200  # forgotten
     assert hub_agent.get(f"/v1/workers/{worker['id']}").status_code == 404
 
 
@@ -653,3 +659,23 @@ def test_b37_worker_stopped_while_its_model_downloads(hub: TestHub, hub_agent: A
         time.sleep(0.05)
     assert hub_agent.get("/v1/workers").json()["workers"] == []
     forget(hub_agent, "hf:acme/spawn-stop/m.gguf")
+
+
+def test_b128_retries_resumes_and_checksum_mismatches_are_notes_in_the_progress(
+    hub: TestHub, hub_agent: AgentProc, model: Blob
+) -> None:
+    hub.add_repo("acme/noted", {"m.gguf": model})
+    hub.fault("drop", at=0.4)
+    events = follow(hub_agent, download(hub_agent, "hf:acme/noted")["job_id"])
+    notes = [e["note"] for e in events if e.get("note")]
+    assert notes, "the resume was not in the progress stream"
+    mb = int(model.size * 0.4) / 1024 / 1024
+    assert notes[0].startswith("attempt 2/6: ") and f"resuming at {mb:.1f} MB in " in notes[0]
+    forget(hub_agent, "hf:acme/noted/m.gguf")
+
+    hub.add_repo("acme/noted-corrupt", {"m.gguf": model})
+    hub.fault("corrupt", at=0.7)
+    events = follow(hub_agent, download(hub_agent, "hf:acme/noted-corrupt")["job_id"])
+    notes = [e["note"] for e in events if e.get("note")]
+    assert any("sha256" in n and "fetching it again" in n for n in notes), notes
+    forget(hub_agent, "hf:acme/noted-corrupt/m.gguf")

@@ -22,12 +22,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from rbee_agent import resources
 from rbee_agent.disconnect import until_disconnect
+from rbee_agent.managed_worker import ManagedWorker
 from rbee_agent.model_refs import parse_model_ref
 from rbee_agent.openai.errors import error_headers, from_rbee_body, openai_error, openai_status
 from rbee_agent.openai.translate import (
@@ -49,14 +50,14 @@ from rbee_agent.protocol import (
 )
 from rbee_agent.proxy import (
     REQUEST_ID_HEADER,
-    is_event_stream,
+    Upstream,
     read_reply,
     send_inference,
     stream_frames,
 )
 from rbee_agent.settings import AgentSettings
 from rbee_agent.sse import SSEResponse
-from rbee_agent.supervisor import ManagedWorker, Supervisor
+from rbee_agent.supervisor import Supervisor
 
 log = logging.getLogger("rbee.agent")
 
@@ -140,25 +141,25 @@ class WorkerPicker:
         if not candidates:
             return None
         return min(candidates, key=lambda w: (w.state == "loading",
-                                              w.active_requests / max(1, w.slots_total)))
+                                              w.in_flight / max(1, w.slots_total)))
 
     async def _spawn(self, model: str) -> ManagedWorker:
+        """A GPU when the node has one (the supervisor picks the GPU with the most free VRAM
+        and offloads as many layers as fit), else, or when the model does not fit there,
+        the CPU."""
         sup = self.supervisor
-        gpus = await asyncio.to_thread(resources.gpus)
-        request = SpawnRequest(model_ref=model)
-        if gpus:
-            best = max(gpus, key=lambda g: g.vram_free_mb or 0)
+        if await asyncio.to_thread(resources.gpus):
             try:
                 reply = await sup.spawn(SpawnRequest(model_ref=model, backend="cuda",
-                                                     device=best.index))
+                                                     gpu_layers="auto"))
                 return sup.get(reply.worker.id)
             except RbeeError as err:
                 if err.code not in _FALLBACK_TO_CPU:
                     raise
-                log.info("no room for %s on GPU %d (%s); starting it on the CPU", model,
-                         best.index, err.message)
-        reply = await sup.spawn(request)
-        log.info("started worker %s for an OpenAI request for %s", reply.worker.id, model)
+                log.info("no room for %s on a GPU (%s); starting it on the CPU", model,
+                         err.message)
+        reply = await sup.spawn(SpawnRequest(model_ref=model))
+        log.info("worker %s serves %s for an OpenAI request", reply.worker.id, model)
         return sup.get(reply.worker.id)
 
 
@@ -189,12 +190,11 @@ class OpenAIService:
 
     async def complete(self, request: Request, started: float, shape: Shape, model: str,
                        inference: InferenceRequest, max_tokens_given: bool) -> Response:
-        request_id = shape.request_id
         worker = await self.picker.worker_for(model)
-        upstream = await self._send(worker, inference, request_id, max_tokens_given)
+        upstream = await self._send(worker, inference, shape.request_id, max_tokens_given)
         meter = request.app.state.metrics.meter(worker.model.id, started)
-        frames = stream_frames(worker, upstream, meter)
-        headers = {REQUEST_ID_HEADER: request_id}
+        frames = stream_frames(upstream, meter)
+        headers = {REQUEST_ID_HEADER: shape.request_id}
         if shape.stream:
             return SSEResponse(_openai_stream(frames, StreamTranslator(shape)), headers=headers)
         body = await until_disconnect(request, _collect(frames, ReplyCollector(shape)))
@@ -203,24 +203,26 @@ class OpenAIService:
         return JSONResponse(body, headers=headers)
 
     async def _send(self, worker: ManagedWorker, inference: InferenceRequest, request_id: str,
-                    max_tokens_given: bool) -> Any:
+                    max_tokens_given: bool) -> Upstream:
         """The worker's stream; a prompt too long for the default max_tokens is sent again
         with the room the context has left (OpenAI's default is "until the context ends")."""
-        sup = self.supervisor
-        upstream = await send_inference(sup, worker, inference.model_dump_json().encode(),
-                                        request_id)
-        if is_event_stream(upstream):
+        upstream = await self._post(worker, inference, request_id)
+        if upstream.is_event_stream:
             return upstream
-        err = from_rbee_body(await read_reply(worker, upstream), upstream.status)
+        err = from_rbee_body(await read_reply(upstream), upstream.response.status)
         room = int(err.details.get("ctx_size", 0)) - int(err.details.get("prompt_tokens", 0))
         if err.code != ErrorCode.PROMPT_TOO_LONG or max_tokens_given or room < 1:
             raise err
-        retry = inference.model_copy(update={"max_tokens": room})
-        upstream = await send_inference(sup, worker, retry.model_dump_json().encode(),
-                                        request_id)
-        if is_event_stream(upstream):
+        upstream = await self._post(worker, inference.model_copy(update={"max_tokens": room}),
+                                    request_id)
+        if upstream.is_event_stream:
             return upstream
-        raise from_rbee_body(await read_reply(worker, upstream), upstream.status)
+        raise from_rbee_body(await read_reply(upstream), upstream.response.status)
+
+    async def _post(self, worker: ManagedWorker, inference: InferenceRequest, request_id: str
+                    ) -> Upstream:
+        return await send_inference(self.supervisor, worker, inference,
+                                    inference.model_dump_json().encode(), request_id)
 
 
 async def _openai_stream(frames: AsyncIterator[bytes], translator: StreamTranslator
@@ -248,11 +250,11 @@ async def _collect(frames: AsyncIterator[bytes], collector: ReplyCollector) -> d
 # --------------------------------------------------------------------------- routes
 
 
-def openai_router(supervisor: Supervisor, settings: AgentSettings,
-                  require_key: Callable[[Request], None]) -> APIRouter:
+def openai_router(supervisor: Supervisor, settings: AgentSettings) -> APIRouter:
+    """Mounted behind the agent's key like the other routers; OpenAIRoute answers a missing
+    or wrong key in OpenAI's shape too."""
     service = OpenAIService(supervisor, settings)
-    router = APIRouter(prefix=PREFIX, route_class=OpenAIRoute,
-                       dependencies=[Depends(require_key)])
+    router = APIRouter(prefix=PREFIX, route_class=OpenAIRoute)
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:

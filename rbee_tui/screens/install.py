@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -13,6 +11,7 @@ from textual.widgets import Button, Label, Log
 from rbee_agent.protocol import RbeeError
 from rbee_tui.config import Config, Node
 from rbee_tui.events import Finished, OutputLine, PhaseDone, PhaseStarted
+from rbee_tui.ops import nodes as node_ops
 from rbee_tui.screens.base import RbeeModal
 
 
@@ -55,10 +54,7 @@ class InstallScreen(RbeeModal[Node | None]):
                 elif isinstance(event, Finished):
                     log.write_line(f"✓ {event.message}")
                     status.update(f"[green]{event.message}[/green]")
-                    self.result = self.node.model_copy(update={
-                        "api_key": event.data.get("api_key", self.node.api_key),
-                        "agent_version": event.data.get("agent_version"),
-                        "status": "agent up", "last_connected": time.time()})
+                    self.result = node_ops.installed(self.node, event)
         except RbeeError as err:
             log.write_line(f"✗ {err.message}")
             for line in err.details.get("stderr_tail", []) or []:

@@ -7,7 +7,6 @@ node is returned (and saved by the app) only when the check succeeded.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from textual import on, work
@@ -20,6 +19,7 @@ from textual.widgets import Button, Input, Label, Log
 from rbee_agent.protocol import ErrorCode, RbeeError
 from rbee_tui.config import DEFAULT_INSTALL_PATH, NODE_NAME_RE, Config, Node
 from rbee_tui.events import Attempt, Finished, HostKeyUnknown, PhaseStarted
+from rbee_tui.ops import nodes as node_ops
 from rbee_tui.screens.base import RbeeModal
 
 
@@ -152,11 +152,7 @@ class NodeFormScreen(RbeeModal[Node | None]):
                     self.query_one("#trust").display = True
                 elif isinstance(event, Finished):
                     log.write_line(event.message)
-                    version = event.data.get("agent_version")
-                    self.dismiss(node.model_copy(update={
-                        "status": "agent up" if version else "reachable",
-                        "agent_version": version or node.agent_version,
-                        "last_connected": time.time()}))
+                    self.dismiss(node_ops.checked(node, event))
                     return
         except RbeeError as err:
             log.write_line(f"✗ {err.message}")

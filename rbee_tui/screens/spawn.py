@@ -12,7 +12,7 @@ from textual.widgets import Button, Input, Label, ProgressBar, Select
 
 from rbee_agent.protocol import BACKENDS, RbeeError
 from rbee_tui.events import Finished, PhaseStarted, Progress
-from rbee_tui.orchestrator import InferenceSpec, spawn_flow, validate
+from rbee_tui.ops import workers
 from rbee_tui.screens.base import RbeeModal
 
 if TYPE_CHECKING:
@@ -73,13 +73,13 @@ class SpawnScreen(RbeeModal[None]):
     async def spawn(self, model: str, backend: str, device: int) -> None:
         status = self.query_one("#spawn-status", Label)
         bar = self.query_one("#spawn-progress", ProgressBar)
-        spec = InferenceSpec(node=self.node, model_ref=model, backend=backend, device=device,
-                             prompt="-")
+        spec = workers.SpawnSpec(node=self.node, model_ref=model, backend=backend,
+                                 device=device)
         try:
-            validate(spec, self.rbee.config)
+            workers.validate_spawn(spec, self.rbee.config)
             client = await self.rbee.source.open_client(self.node)
             async with client:
-                async for event in spawn_flow(client, spec, self.rbee.config.settings):
+                async for event in workers.spawn(client, spec, self.rbee.config.settings):
                     if isinstance(event, PhaseStarted):
                         status.update(event.message)
                     elif isinstance(event, Progress):
