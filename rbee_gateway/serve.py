@@ -34,23 +34,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """The listening socket, made here so a taken port is one clear error."""
-    from rbee_agent.protocol import ErrorCode, RbeeError
+    """The listening socket, made before anything starts so a taken port is one clear error
+    (naming its owner when the system shows it)."""
+    from rbee_agent.protocol import RbeeError
+    from rbee_agent.startup import bind_listener
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise RbeeError(ErrorCode.INVALID_CONFIG,
-                        f"Cannot listen on {host}:{port}: {exc.strerror}",
-                        hint="Pick another port with --port, or stop what uses this one.",
-                        details={"host": host, "port": port}) from None
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
+        return bind_listener(host, port)
+    except RbeeError as err:
+        err.hint = "Pick another port with --port, or stop what uses this one."
+        raise
 
 
 async def serve(args: argparse.Namespace, config: Config, links: NodeLinks) -> int:
