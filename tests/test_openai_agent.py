@@ -15,7 +15,8 @@ import openai
 import pytest
 
 from tests.agent_support import AgentProc, start_agent
-from tests.support import LONG_PROMPT
+from tests.hub_server import Blob, TestHub
+from tests.support import LONG_PROMPT, bundled_model_path
 
 MODEL = "smollm2-135m"
 HELLO = [{"role": "user", "content": "Say hello in five words."}]
@@ -233,3 +234,24 @@ def test_b184_a_busy_worker_is_a_retryable_503(agent: AgentProc) -> None:
     assert second.status_code == 503, second.text
     assert int(second.headers["retry-after"]) >= 1  # about when a slot frees up
     assert second.json()["error"]["type"] == "server_error"
+
+
+def test_b185_an_hf_reference_is_downloaded_then_served(tmp_path: Path) -> None:
+    with TestHub() as hub:
+        hub.add_repo("acme/bees-GGUF", {"bees-Q4_1.gguf": Blob(bundled_model_path())})
+        agent = start_agent(tmp_path / "hub", env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "",
+                                                   "HUGGING_FACE_HUB_TOKEN": ""},
+                            **{"download-reserve-mb": "0"})
+        try:
+            reply = sdk(agent).chat.completions.create(
+                model="hf:acme/bees-GGUF", messages=HELLO, max_tokens=4)
+            assert reply.model == "hf:acme/bees-GGUF" and reply.choices[0].message.content
+            catalog = [m["id"] for m in agent.get("/v1/models").json()["models"]]
+            assert len(catalog) == 2 and MODEL in catalog  # the bundled one and the new one
+            assert len(agent.get("/v1/workers").json()["workers"]) == 1
+            again = sdk(agent).chat.completions.create(  # by its new catalog name: warm
+                model=next(m for m in catalog if m != MODEL), messages=HELLO, max_tokens=4)
+            assert again.choices[0].message.content
+            assert len(agent.get("/v1/workers").json()["workers"]) == 1
+        finally:
+            agent.stop()

@@ -15,6 +15,7 @@ cancellation when the client hangs up, the same metrics.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time
@@ -22,9 +23,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rbee_agent import resources
 from rbee_agent.disconnect import until_disconnect
@@ -55,6 +57,7 @@ from rbee_agent.proxy import (
     send_inference,
     stream_frames,
 )
+from rbee_agent.routes import json_body
 from rbee_agent.settings import AgentSettings
 from rbee_agent.sse import SSEResponse
 from rbee_agent.supervisor import Supervisor
@@ -91,6 +94,28 @@ class OpenAIRoute(APIRoute):
                     f"{type(exc).__name__}", hint="See the agent log for the traceback"))
 
         return handle
+
+
+def answer_route_errors(app: FastAPI) -> None:
+    """404 and 405 under `/openai/` in OpenAI's shape too; everything else as before.
+
+    Routing answers these before any route runs, so they reach the app's handler; this one
+    wraps it rather than replacing it.
+    """
+    rbee_handler = app.exception_handlers[StarletteHTTPException]
+
+    async def handler(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", None)
+        if not request.url.path.startswith(PREFIX + "/") or status not in (404, 405):
+            reply = rbee_handler(request, exc)
+            return await reply if inspect.isawaitable(reply) else reply
+        code = ErrorCode.NOT_FOUND if status == 404 else ErrorCode.METHOD_NOT_ALLOWED
+        return error_response(RbeeError(
+            code, f"rbee does not serve {request.method} {request.url.path}",
+            hint=f"It serves POST {PREFIX}/chat/completions, POST {PREFIX}/completions and "
+            f"GET {PREFIX}/models"))
+
+    app.add_exception_handler(StarletteHTTPException, handler)
 
 
 def model_object(entry: CatalogEntry) -> dict[str, Any]:
@@ -256,11 +281,11 @@ def openai_router(supervisor: Supervisor, settings: AgentSettings) -> APIRouter:
     service = OpenAIService(supervisor, settings)
     router = APIRouter(prefix=PREFIX, route_class=OpenAIRoute)
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await service.answer(request, "chat")
 
-    @router.post("/completions")
+    @router.post("/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         return await service.answer(request, "text")
 
@@ -278,13 +303,6 @@ def openai_router(supervisor: Supervisor, settings: AgentSettings) -> APIRouter:
                             hint=f"GET {PREFIX}/models lists the models here",
                             details={"param": "model"})
         return model_object(entry)
-
-    @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-                      include_in_schema=False)
-    async def unknown(path: str, request: Request) -> Response:
-        raise RbeeError(ErrorCode.NOT_FOUND,
-                        f"rbee does not serve {request.method} {PREFIX}/{path}",
-                        hint="rbee serves chat/completions, completions and models")
 
     return router
 
