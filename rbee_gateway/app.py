@@ -369,6 +369,7 @@ def create_gateway_app(gateway: Gateway) -> Starlette:
             for task in (first, healer):
                 task.cancel()
             await asyncio.gather(first, healer, return_exceptions=True)
+            await fleet.aclose()
 
     app = Starlette(routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),

@@ -30,6 +30,7 @@ import httpx
 
 from rbee_agent.model_refs import HfRef, parse_model_ref
 from rbee_agent.protocol import CatalogEntry, ErrorCode, NodeInfo, RbeeError, WorkerInfo
+from rbee_tui.client import AgentClient
 from rbee_tui.config import Config
 from rbee_tui.links import NodeLinks
 
@@ -65,6 +66,7 @@ class NodeState:
     inflight: Counter[str] = field(default_factory=Counter)  # by model, sent by the gateway
     inflight_at_fetch: Counter[str] = field(default_factory=Counter)
     refreshing: asyncio.Task[None] | None = None
+    client: AgentClient | None = None  # kept between refreshes: a new one costs ~20 ms
 
     def serving(self, model: str) -> list[WorkerInfo]:
         return [w for w in self.workers
@@ -114,6 +116,7 @@ class Fleet:
         self.links = links
         self.settings = config.settings
         self.states = {name: NodeState(name) for name in config.names()}
+        self._closing: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ state
 
@@ -126,13 +129,18 @@ class Fleet:
         return state
 
     async def _ask(self, state: NodeState) -> None:
+        """One round of questions. The link (and its client) is opened once and kept; a
+        failure drops it, so the next round opens it again (SSH: reconnects)."""
         try:
             async with asyncio.timeout(self.settings.gateway_refresh_timeout_s):
-                client = await self.links.open(state.name)
-                async with client:
-                    await client.check_version()
-                    workers, models, info = await asyncio.gather(
-                        client.workers(), client.models(), client.node_info())
+                if state.client is None:
+                    # localhost's agent is started if it does not run (B09); a remote one
+                    # is not: the node stays down until its agent answers.
+                    state.client = await self.links.open(state.name, cold_start=False)
+                client = state.client
+                _, workers, models, info = await asyncio.gather(
+                    client.check_version(), client.workers(), client.models(),
+                    client.node_info())
         except RbeeError as err:
             self.mark_down(state.name, err.message)
             return
@@ -161,6 +169,11 @@ class Fleet:
             log.warning("node %s is down: %s", name, why)
         state.up, state.problem = False, why
         self.links.suspect(name)
+        if state.client is not None:
+            client, state.client = state.client, None
+            closing = asyncio.ensure_future(client.aclose())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     async def heal(self) -> None:
         """Forever: ask the nodes that are down whether they are back."""
@@ -168,6 +181,12 @@ class Fleet:
             await asyncio.sleep(self.settings.gateway_health_interval_s)
             down = [s.name for s in self.states.values() if s.up is False]
             await asyncio.gather(*(self.refresh(name) for name in down))
+
+    async def aclose(self) -> None:
+        for state in self.states.values():
+            if state.client is not None:
+                await state.client.aclose()
+                state.client = None
 
     @contextlib.contextmanager
     def in_flight(self, node: str, model: str) -> Iterator[None]:
