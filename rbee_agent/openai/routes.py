@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rbee_agent import resources
 from rbee_agent.disconnect import until_disconnect
 from rbee_agent.managed_worker import ManagedWorker
-from rbee_agent.model_refs import parse_model_ref
+from rbee_agent.model_refs import CatalogRef, parse_model_ref
 from rbee_agent.openai.errors import error_headers, from_rbee_body, openai_error, openai_status
 from rbee_agent.openai.translate import (
     Kind,
@@ -50,6 +50,7 @@ from rbee_agent.protocol import (
     RbeeError,
     SpawnRequest,
 )
+from rbee_agent.provision import Plan
 from rbee_agent.proxy import (
     REQUEST_ID_HEADER,
     Upstream,
@@ -143,22 +144,27 @@ class WorkerPicker:
                 worker = await self._spawn(model)
         return worker
 
-    async def _resolve(self, model: str) -> Any:
-        sup = self.supervisor
+    async def _resolve(self, model: str) -> CatalogEntry | Plan:
         try:
-            parse_model_ref(model)
-            return await sup.resolve_model(model)
+            ref = parse_model_ref(model)
+        except RbeeError:
+            raise await self._not_here(model) from None
+        try:
+            return await self.supervisor.resolve_model(model)
         except RbeeError as err:
-            if err.code not in (ErrorCode.INVALID_MODEL_REF, ErrorCode.MODEL_NOT_FOUND):
-                raise
-            known = [e.id for e in await asyncio.to_thread(sup.catalog.list)]
-            raise RbeeError(
-                ErrorCode.MODEL_NOT_FOUND,
-                f"The model '{model}' does not exist on this node",
-                hint=f"Models here: {', '.join(known) or 'none'} (GET {PREFIX}/models); or "
-                "name one by reference, e.g. hf:org/repo",
-                details={"param": "model", "model": model},
-            ) from None
+            if err.code == ErrorCode.MODEL_NOT_FOUND and isinstance(ref, CatalogRef):
+                raise await self._not_here(model) from None
+            err.details.setdefault("param", "model")  # e.g. the hub's own answer, as it is
+            raise
+
+    async def _not_here(self, model: str) -> RbeeError:
+        known = [e.id for e in await asyncio.to_thread(self.supervisor.catalog.list)]
+        return RbeeError(
+            ErrorCode.MODEL_NOT_FOUND, f"The model '{model}' does not exist on this node",
+            hint=f"Models here: {', '.join(known) or 'none'} (GET {PREFIX}/models); or name "
+            "one by reference, e.g. hf:org/repo",
+            details={"param": "model", "model": model},
+        )
 
     def _least_busy(self, key: str) -> ManagedWorker | None:
         candidates = [w for w in self.supervisor.workers.values()
