@@ -107,9 +107,10 @@ def fit_open_files(max_connections: int) -> int:
 class BodyLimit:
     """Refuse request bodies over the limit while reading them, before anything parses them."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, owner: str = "agent") -> None:
         self.app = app
         self.limit = limit
+        self.owner = owner  # named in the error: the agent's limit or a worker's
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -139,7 +140,7 @@ class BodyLimit:
             details["bytes"] = size
         return RbeeError(
             ErrorCode.REQUEST_TOO_LARGE,
-            f"The request body {said}; this agent accepts at most {self.limit} bytes",
+            f"The request body {said}; this {self.owner} accepts at most {self.limit} bytes",
             hint="Shorten the prompt or the chat history (max_request_bytes on the node).",
             details=details,
         )

@@ -230,9 +230,13 @@ class HealthReply(BaseModel):
     state: WorkerState | None = None
     slots_total: int | None = None
     slots_busy: int | None = None
+    tokens_served: int | None = None
+    # A worker's request queue (B100): requests waiting for a slot, and how many may wait.
     queued: int | None = None
     queue_depth: int | None = None
-    tokens_served: int | None = None
+    # Layers llama.cpp was asked to put on the GPU (0 on a CPU worker), of layers_total.
+    gpu_layers: int | None = None
+    layers_total: int | None = None
 
 
 class ReadyReply(BaseModel):
@@ -243,6 +247,9 @@ class ReadyReply(BaseModel):
     model_loaded: bool
     progress_url: str | None = None
     error: ErrorDetail | None = None
+    # Once loaded: requests waiting for a slot, and how many may wait (B100).
+    queued: int | None = None
+    queue_depth: int | None = None
 
 
 class LoadingProgress(BaseModel):
@@ -264,35 +271,48 @@ class LoadingProgress(BaseModel):
     speed_mbps: float | None = None
 
 
+# Bounds on a chat (B106): checked by the schema, before any template is rendered.
+MAX_CHAT_MESSAGES = 1024
+MAX_MESSAGE_CHARS = 1_000_000
+MAX_GRAMMAR_CHARS = 64 * 1024
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str = Field(max_length=MAX_MESSAGE_CHARS)
 
 
 class InferenceRequest(BaseModel):
-    """B43: a prompt or chat messages, with sampling settings. Bounds checked here (B57)."""
+    """B43: a prompt or chat messages, with sampling settings. Bounds checked here (B57).
+
+    Sampling runs in llama.cpp (B101), in this order: repetition penalties, grammar, top-k,
+    top-p, min-p, temperature, then a seeded draw (greedy at temperature 0). `top_k` 0,
+    `top_p` 1, `min_p` 0, `repeat_penalty` 1 and the two other penalties 0 switch a stage
+    off. `ignore_eos` keeps generating past end-of-text (benchmarks: fixed-length runs).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    messages: list[ChatMessage] | None = Field(
+        default=None, min_length=1, max_length=MAX_CHAT_MESSAGES
+    )
     max_tokens: int = Field(default=256, gt=0, le=32768)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    top_k: int = Field(default=40, ge=0, le=1000)
+    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    grammar: str | None = Field(default=None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    ignore_eos: bool = False
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16)
     stream: bool = True
     request_id: str | None = Field(default=None, min_length=1, max_length=128,
                                    pattern=REQUEST_ID_PATTERN)
-    top_k: int = Field(default=40, ge=0, le=1000)  # 0 = off
-    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
-    repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    # GBNF text (llama.cpp's grammar format): sampling only ever picks tokens it allows.
-    grammar: str | None = Field(default=None, min_length=1, max_length=256 * 1024)
-    # When set, token events carry `logprob` and `top_logprobs` (0-20 alternatives).
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="before")
     @classmethod
@@ -310,9 +330,29 @@ class InferenceRequest(BaseModel):
         return self
 
 
+class TokenLogprob(BaseModel):
+    """One candidate token with its log-probability (natural log, softmax of the logits)."""
+
+    token: str
+    logprob: float
+
+
 class TokenEvent(BaseModel):
+    """One step of a stream. With `top_logprobs` asked for, every sampled token gets its own
+    event (its text may then be empty while a stop string or a UTF-8 sequence is held back)
+    carrying the token's `logprob` and the `top_logprobs` most likely candidates."""
+
     token: str
     index: int
+    logprob: float | None = None
+    top_logprobs: list[TokenLogprob] | None = None
+
+
+class QueuedEvent(BaseModel):
+    """Sent while a request waits in the worker's queue, before its first token (B100):
+    `queued` is how many requests are ahead of it. Sent again when that number changes."""
+
+    queued: int
 
 
 class DoneEvent(BaseModel):
@@ -323,13 +363,8 @@ class DoneEvent(BaseModel):
     request_id: str
     prompt_tokens: int = 0
     ttft_ms: float | None = None
-
-
-class QueuedEvent(BaseModel):
-    """Sent while a request waits in the worker's queue, before its first token:
-    `queued` requests are ahead of this one."""
-
-    queued: int
+    # Prompt tokens whose KV cache a previous request left behind (B102): not recomputed.
+    cached_tokens: int | None = None
 
 
 class StreamErrorEvent(BaseModel):
@@ -361,6 +396,9 @@ class WorkerReadyCallback(BaseModel):
     slots: int
     layers_total: int
     load_ms: float
+    gpu_layers: int | None = None
+    tensor_split: list[float] | None = None
+    queue_depth: int | None = None
 
 
 class ShutdownReply(BaseModel):

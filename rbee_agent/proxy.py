@@ -32,6 +32,7 @@ from rbee_agent.http_errors import error_response, parse_body
 from rbee_agent.managed_worker import ManagedWorker
 from rbee_agent.metrics import StreamMeter
 from rbee_agent.protocol import (
+    REQUEST_ID_HEADER,
     REQUEST_ID_PATTERN,
     SSE_DONE,
     DoneEvent,
@@ -46,7 +47,6 @@ from rbee_agent.supervisor import Supervisor
 
 log = logging.getLogger("rbee.agent")
 
-REQUEST_ID_HEADER = "X-Request-Id"
 _DONE_FRAME = sse_frame(SSE_DONE)
 _DONE_MARK = b'"done":true'
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)

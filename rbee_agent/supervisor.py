@@ -46,6 +46,7 @@ from rbee_agent.managed_worker import ManagedWorker
 from rbee_agent.model_refs import CatalogRef, FileRef, HfRef, parse_model_ref
 from rbee_agent.preflight import Admission, Reserved, admit
 from rbee_agent.protocol import (
+    SSE_DONE,
     CatalogEntry,
     DownloadProgress,
     ErrorCode,
@@ -56,10 +57,11 @@ from rbee_agent.protocol import (
     SpawnRequest,
     WorkerInfo,
     WorkerReadyCallback,
+    iter_sse_data,
 )
 from rbee_agent.provision import Plan, split_parts
 from rbee_agent.settings import AgentSettings
-from rbee_agent.worker_launch import LaunchSpec, worker_command, worker_env, worker_queue_depth
+from rbee_agent.worker_launch import LaunchSpec, worker_command, worker_env
 
 log = logging.getLogger("rbee.agent")
 
@@ -265,7 +267,7 @@ class Supervisor:
         worker = ManagedWorker(
             worker_id, model, request.backend, ctx_size=admission.ctx_size,
             slots=admission.slots, placement=admission.placement,
-            queue_depth=worker_queue_depth(self.settings),
+            queue_depth=self.settings.worker_queue_depth,
             log_path=self._worker_log_dir / f"{worker_id}.log",
             lines_kept=self.settings.worker_log_lines_kept,
         )
@@ -456,10 +458,10 @@ class Supervisor:
                                     headers=worker.auth) as reply:
             if reply.status_code != 200:
                 raise httpx.TransportError(f"progress answered {reply.status_code}")
-            async for line in reply.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = LoadingProgress.model_validate_json(line[len("data: "):])
+            async for data in iter_sse_data(reply.aiter_lines()):
+                if data == SSE_DONE:
+                    return
+                event = LoadingProgress.model_validate_json(data)
                 if event.stage == "ready":
                     self._mark_ready(worker)
                     return

@@ -10,9 +10,7 @@ Inside the worker the visible cards are numbered from 0, so the worker is told d
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
-import functools
 import os
 import sys
 from collections.abc import Mapping
@@ -80,35 +78,10 @@ def worker_command(spec: LaunchSpec, settings: AgentSettings) -> list[str]:
     ]
     if settings.worker_threads:
         cmd += ["--threads", str(settings.worker_threads)]
-    optional: list[tuple[str, str, bool]] = [
-        ("--queue-depth", str(settings.worker_queue_depth), True),
-        ("--queue-timeout", str(settings.worker_queue_timeout_s), True),
-        ("--gpu-layers", str(spec.placement.gpu_layers), gpu),
-        ("--tensor-split", ",".join(f"{s:.4g}" for s in spec.placement.tensor_split),
-         gpu and len(spec.placement.tensor_split) > 1),
-    ]
-    for flag, value, wanted in optional:
-        if wanted and worker_accepts(flag):
-            cmd += [flag, value]
+    cmd += ["--queue-depth", str(settings.worker_queue_depth),
+            "--queue-timeout", str(settings.worker_queue_timeout_s)]
+    if gpu:
+        cmd += ["--gpu-layers", str(spec.placement.gpu_layers)]
+        if len(spec.placement.tensor_split) > 1:
+            cmd += ["--tensor-split", ",".join(f"{s:.4g}" for s in spec.placement.tensor_split)]
     return cmd
-
-
-@functools.cache
-def worker_accepts(flag: str) -> bool:
-    """Whether this installation's worker knows `flag` (its queue and GPU-layer flags came
-    in a later release than the agent's knowledge of them; an older worker would refuse to
-    start with an unknown flag)."""
-    try:
-        from rbee_agent.worker.main import build_parser
-
-        parser: argparse.ArgumentParser = build_parser()
-        probe = ["--worker-id", "w", "--model", "m", "--port", "1", flag, "1"]
-        _, unknown = parser.parse_known_args(probe)
-    except (ImportError, AttributeError, SystemExit):
-        return True  # a worker whose parser cannot be probed is as new as this agent
-    return flag not in unknown
-
-
-def worker_queue_depth(settings: AgentSettings) -> int:
-    """The queue the worker was given: none when it does not know the flag."""
-    return settings.worker_queue_depth if worker_accepts("--queue-depth") else 0

@@ -1,100 +1,80 @@
-"""`rbee` with no arguments: the full-screen dashboard (B70-B79).
+"""`rbee` with no arguments: the full-screen dashboard (B70-B79, B160-B179).
 
 The app owns polling (one worker per node, never overlapping, paused while a modal is open)
-and hands snapshots to the screens as `NodePolled` messages. Every network or SSH call runs
-in a Textual worker; every failure ends as a notification carrying the RbeeError's message
-and hint (B78). Flow logic lives in the orchestrator and ssh modules, not here.
+and feeds each snapshot to the `Fleet`, which screens subscribe to. Screens ask the app for
+navigation and polls with typed messages (`rbee_tui.messages`); none imports this module.
+Every network or SSH call runs in a Textual worker; every failure ends as a notification
+carrying the RbeeError's message and hint (B78). Flow logic lives in the orchestrator and
+ssh modules, not here. Screens other than the dashboard are imported when first opened, so
+the first frame does not wait for them (B175).
 """
 
 from __future__ import annotations
 
 import gc
-from collections import deque
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
-from textual import on
+from textual import events, on
 from textual.app import App
 from textual.binding import Binding
-from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.screen import ModalScreen
 from textual.worker import Worker, WorkerState
 
 from rbee_agent.protocol import RbeeError
 from rbee_tui.config import Config, Node, save_config
 from rbee_tui.events import Event, Finished
+from rbee_tui.fleet import Fleet
 from rbee_tui.links import NodeLinks
-from rbee_tui.messages import NodePolled
+from rbee_tui.messages import OpenChat, PollNow
 from rbee_tui.node_source import LiveNodeSource, NodeSnapshot, NodeSource
+from rbee_tui.screens.base import notify_error, redirect_early_key
 from rbee_tui.screens.dashboard import DashboardScreen
-from rbee_tui.screens.modals import ConfirmScreen, HelpScreen
+from rbee_tui.screens.modals import CommandScreen, ConfirmScreen, HelpScreen, KeyRow
 from rbee_tui.themes import load_themes, user_dir
 
-HISTORY_POINTS = 150  # 5 minutes at the default 2 s poll
+if TYPE_CHECKING:
+    from textual.command import Provider
+
+    from rbee_tui.chat_store import ChatStore
 
 
-class RbeeCommands(Provider):
-    """Command palette (B76): nodes, models and actions."""
+def _palette() -> type[Provider]:
+    """The palette's provider, imported when the palette first opens (B175)."""
+    from rbee_tui.palette import RbeeCommands
 
-    def _entries(self) -> list[tuple[str, str, object]]:
-        app = self.app
-        assert isinstance(app, RbeeApp)
-        entries: list[tuple[str, str, object]] = []
-        for name in app.config.names():
-            entries.append((f"Node: {name}", "select it on the dashboard",
-                            lambda n=name: app.select_node(n)))
-            entries.append((f"Chat on {name}", "open the chat pane",
-                            lambda n=name: app.open_chat(n)))
-            entries.append((f"Models on {name}", "the node's catalog",
-                            lambda n=name: app.open_models(n)))
-        for label, help_text, action in (
-            ("Add node", "add a node over SSH", app.action_add_node),
-            ("Help", "all keys", app.action_help),
-        ):
-            entries.append((label, help_text, action))
-        for name, snapshot in app.snapshots.items():
-            for worker in snapshot.workers:
-                entries.append((f"Chat with {worker.model_id} on {name}", "model",
-                                lambda n=name, m=worker.model_id: app.open_chat(n, m)))
-        return entries
-
-    async def discover(self) -> Hits:
-        for label, help_text, action in self._entries():
-            yield DiscoveryHit(label, action, help=help_text)  # type: ignore[arg-type]
-
-    async def search(self, query: str) -> Hits:
-        matcher = self.matcher(query)
-        for label, help_text, action in self._entries():
-            score = matcher.match(label)
-            if score > 0:
-                yield Hit(score, matcher.highlight(label), action,  # type: ignore[arg-type]
-                          help=help_text)
+    return RbeeCommands
 
 
 class RbeeApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "rbee"
-    COMMANDS = App.COMMANDS | {RbeeCommands}
+    COMMANDS = App.COMMANDS | {_palette}
     BINDINGS = [
         Binding("q", "quit", "Quit", id="app.quit", tooltip="Leave rbee (agents keep running)"),
         Binding("question_mark", "help", "Help", id="app.help", tooltip="Show every key"),
-        Binding("ctrl+p", "command_palette", "Palette", id="app.palette",
+        Binding("colon", "command", "Command", id="app.command",
+                tooltip="Command mode: :nodes, :models, :logs, :chat NODE, :chats, :quit"),
+        Binding("ctrl+p", "command_palette", "Palette", show=False, id="app.palette",
                 tooltip="Nodes, models, actions and themes"),
     ]
 
     def __init__(self, config: Config, source: NodeSource, links: NodeLinks | None = None,
-                 poll: bool = True, save_theme: bool = True) -> None:
+                 poll: bool = True, save_theme: bool = True,
+                 clock: Callable[[], float] = time.time) -> None:
         super().__init__()
         self.config = config
         self.source = source
         self.links = links
         self.poll_enabled = poll
         self.save_theme = save_theme
-        self.snapshots: dict[str, NodeSnapshot] = {}
-        self.history: dict[str, deque[float]] = {}
-        self.rates: dict[str, float] = {}
-        self._tokens: dict[str, tuple[float, int]] = {}
+        self.fleet = Fleet(config, source, self, frame_s=config.settings.dashboard_frame_s,
+                           clock=clock)
+        source.on_connecting = self.fleet.set_activity
         self._polling: set[str] = set()
-        self.dashboard = DashboardScreen()
+        self._chats: ChatStore | None = None
+        self.dashboard = DashboardScreen(self.fleet)
 
     # ------------------------------------------------------------------ start
 
@@ -112,13 +92,15 @@ class RbeeApp(App[None]):
                         title="Theme", severity="warning")
             self.theme = "rbee"
         self.push_screen(self.dashboard)
-        self.call_after_refresh(self._freeze_startup_objects)
+        # Two frames in, not one: a collection right after the first frame held the footer
+        # (composed once the bindings are known) back by 100-150 ms.
+        self.call_after_refresh(self.call_after_refresh, self._freeze_startup_objects)
         if self.poll_enabled:
             for name in self.config.names():
                 self.start_polling(name)
 
     def _freeze_startup_objects(self) -> None:
-        """After the first frame, take what start-up built out of the cyclic GC's scans.
+        """After start-up, take what it built out of the cyclic GC's scans.
 
         Imports, CSS and the first screen leave ~100k long-lived objects that every full
         collection walks again: 40-120 ms stalls of the event loop, several per streamed chat
@@ -137,10 +119,23 @@ class RbeeApp(App[None]):
         except OSError as exc:
             self.notify(f"Could not save the theme choice: {exc}", severity="warning")
 
+    @property
+    def chats(self) -> ChatStore:
+        """The saved conversations (SQLite in the data dir), opened on first use."""
+        if self._chats is None:
+            from rbee_tui.chat_store import ChatStore
+
+            self._chats = ChatStore.open_default()
+        return self._chats
+
+    async def _on_key(self, event: events.Key) -> None:
+        if redirect_early_key(self, event):  # typed for the form that just opened (B173)
+            event.prevent_default()  # Textual's own key handling is not run for it
+
     # ------------------------------------------------------------------ polling
 
     def snapshot(self, name: str) -> NodeSnapshot:
-        return self.snapshots.get(name) or NodeSnapshot(name=name, status="unknown")
+        return self.fleet.snapshot(name)
 
     def start_polling(self, name: str) -> None:
         if name in self._polling:
@@ -149,12 +144,22 @@ class RbeeApp(App[None]):
         self.poll_now(name)
 
     def poll_now(self, name: str) -> None:
-        self.run_worker(self._poll(name), group=f"poll-{name}", exclusive=True,
-                        exit_on_error=False, name=f"poll {name}")
+        # A coroutine function, not a coroutine: a poll asked for while the app closes is
+        # simply never started (a coroutine object would be left never awaited).
+        async def poll() -> None:
+            await self._poll(name)
+
+        # (Textual types a coroutine function's coroutine as Coroutine[None, None, T].)
+        self.run_worker(poll, group=f"poll-{name}",  # type: ignore[arg-type]
+                        exclusive=True, exit_on_error=False, name=f"poll {name}")
+
+    @on(PollNow)
+    def _poll_requested(self, message: PollNow) -> None:
+        self.poll_now(message.node)
 
     async def _poll(self, name: str) -> None:
         snapshot = await self.source.poll(name)
-        self.apply_snapshot(snapshot)
+        self.fleet.apply(snapshot)
         if name in self._polling:
             self.set_timer(self.config.settings.poll_interval_s, lambda: self._next_poll(name))
 
@@ -166,24 +171,6 @@ class RbeeApp(App[None]):
             return
         self.poll_now(name)
 
-    def apply_snapshot(self, snapshot: NodeSnapshot) -> None:
-        name = snapshot.name
-        self.snapshots[name] = snapshot
-        if snapshot.info is not None:
-            info = snapshot.info
-            if info.gpus:
-                used = sum((g.vram_used_mb or 0) for g in info.gpus) / 1024
-            else:
-                used = (info.ram_total_mb - info.ram_available_mb) / 1024
-            self.history.setdefault(name, deque(maxlen=HISTORY_POINTS)).append(round(used, 2))
-        tokens = sum(w.tokens_served for w in snapshot.workers)
-        before = self._tokens.get(name)
-        now = snapshot.polled_at
-        if before is not None and now > before[0]:
-            self.rates[name] = max(0.0, (tokens - before[1]) / (now - before[0]))
-        self._tokens[name] = (now, tokens)
-        self.dashboard.post_message(NodePolled(snapshot))
-
     # ------------------------------------------------------------------ errors (B78)
 
     @on(Worker.StateChanged)
@@ -193,11 +180,7 @@ class RbeeApp(App[None]):
         self.show_error(event.worker.error)
 
     def show_error(self, error: BaseException) -> None:
-        if isinstance(error, RbeeError):
-            message = error.message + (f"\n{error.hint}" if error.hint else "")
-        else:
-            message = f"{type(error).__name__}: {error}"
-        self.notify(message, title="Error", severity="error", timeout=12)
+        notify_error(self, error)
 
     # ------------------------------------------------------------------ navigation
 
@@ -207,29 +190,110 @@ class RbeeApp(App[None]):
     def select_node(self, name: str) -> None:
         from rbee_tui.widgets.tables import NodesTable
 
-        table = self.dashboard.query_one(NodesTable)
-        if name in table.rows:
-            table.move_cursor(row=table.get_row_index(name))
+        self.dashboard.query_one(NodesTable).select_key(name)
+
+    def help_sections(self) -> list[tuple[str, list[KeyRow]]]:
+        """The screen's own keys first (lazygit's per-panel hints), then the global ones
+        that the screen does not take for itself."""
+        seen: set[str] = set()
+        taken: set[str] = set()
+
+        def rows(bindings: list[object]) -> list[KeyRow]:
+            out: list[KeyRow] = []
+            for binding in bindings:
+                if not isinstance(binding, Binding) or not binding.id or binding.id in seen:
+                    continue
+                seen.add(binding.id)
+                keys = [k.strip() for k in binding.key.split(",") if k.strip() not in taken]
+                if not keys:
+                    continue
+                taken.update(keys)
+                shown = ", ".join(self.get_key_display(Binding(k, "")) for k in keys)
+                out.append((shown, binding.description, binding.tooltip))
+            return out
+
+        screen = self.screen
+        title = getattr(screen, "HELP_TITLE", type(screen).__name__.replace("Screen", ""))
+        focused = list(getattr(screen.focused, "HELP_BINDINGS", []))
+        here = rows([*focused, *screen.BINDINGS])
+        return [(f"On this screen: {title}", here), ("Everywhere", rows(list(self.BINDINGS)))]
 
     def action_help(self) -> None:
-        rows: list[tuple[str, str, str]] = []
-        seen: set[str] = set()
-        for binding in [*self.screen.BINDINGS, *self.BINDINGS]:
-            if not isinstance(binding, Binding) or binding.id in seen:
-                continue
-            seen.add(binding.id or binding.key)
-            keys = binding.key_display or binding.key.replace("question_mark", "?").replace(
-                "slash", "/")
-            rows.append((keys, binding.description, binding.tooltip))
-        self.push_screen(HelpScreen(rows))
+        if isinstance(self.screen, HelpScreen):
+            return
+        self.push_screen(HelpScreen(self.help_sections()))
+
+    def action_command(self) -> None:
+        from rbee_tui.commands import completions
+
+        if isinstance(self.screen, ModalScreen):
+            return
+        self.push_screen(CommandScreen(completions(self.config.names())), self.run_command)
+
+    def run_command(self, line: str | None) -> None:
+        from rbee_tui.commands import parse
+
+        if not line or not line.strip(":").strip():
+            return
+        try:
+            command = parse(line, self.config.names(), self.selected_node())
+        except RbeeError as err:
+            self.show_error(err)
+            return
+        node = command.node or self.selected_node()
+        match command.verb:
+            case "nodes" | "workers":
+                self.back_to_dashboard()
+                if command.verb == "workers":
+                    self.select_node(node)
+                self.dashboard.focus_table(command.verb)
+            case "models":
+                self.open_models(node)
+            case "logs":
+                self.open_logs(node)
+            case "chat":
+                self.open_chat(node, command.arg)
+            case "chats":
+                self.action_chats()
+            case "add":
+                self.action_add_node()
+            case "theme":
+                self.switch_theme(command.arg or "")
+            case "help":
+                self.action_help()
+            case "quit":
+                self.exit()
+
+    def switch_theme(self, name: str) -> None:
+        if name in self.available_themes:
+            self.theme = name
+            return
+        self.notify(f"No theme '{name}'. Themes: {', '.join(sorted(self.available_themes))}",
+                    severity="warning")
+
+    def back_to_dashboard(self) -> None:
+        while len(self.screen_stack) > 2 and self.screen is not self.dashboard:
+            self.pop_screen()
 
     def action_chat(self) -> None:
         self.open_chat(self.selected_node())
 
-    def open_chat(self, node: str, model: str | None = None) -> None:
+    @on(OpenChat)
+    def _chat_requested(self, message: OpenChat) -> None:
+        self.open_chat(message.node, message.model, message.conversation_id)
+
+    def open_chat(self, node: str, model: str | None = None,
+                  conversation_id: int | None = None) -> None:
         from rbee_tui.screens.chat import ChatScreen
 
-        self.push_screen(ChatScreen(node, model))
+        if isinstance(self.screen, ChatScreen):
+            self.pop_screen()
+        self.push_screen(ChatScreen(self.fleet, self.chats, node, model, conversation_id))
+
+    def action_chats(self) -> None:
+        from rbee_tui.screens.chat_list import ChatListScreen
+
+        self.push_screen(ChatListScreen(self.chats))
 
     def action_models(self) -> None:
         self.open_models(self.selected_node())
@@ -237,12 +301,15 @@ class RbeeApp(App[None]):
     def open_models(self, node: str) -> None:
         from rbee_tui.screens.models import ModelsScreen
 
-        self.push_screen(ModelsScreen(node))
+        self.push_screen(ModelsScreen(self.fleet, node))
 
     def action_logs(self) -> None:
+        self.open_logs(self.selected_node())
+
+    def open_logs(self, node: str) -> None:
         from rbee_tui.screens.logs import LogsScreen
 
-        self.push_screen(LogsScreen(self.selected_node()))
+        self.push_screen(LogsScreen(self.fleet, node))
 
     # ------------------------------------------------------------------ node setup (B71)
 
@@ -264,9 +331,12 @@ class RbeeApp(App[None]):
     def _node_saved(self, node: Node | None) -> None:
         if node is None:
             return
+        new = node.name not in self.config.nodes
         self.config.nodes[node.name] = node
         save_config(self.config)
         self.notify(f"Node '{node.name}' saved.")
+        if new:
+            self.fleet.registry_changed()
         self.start_polling(node.name)
         self.poll_now(node.name)
 
@@ -282,12 +352,12 @@ class RbeeApp(App[None]):
             self.config.nodes.pop(name, None)
             save_config(self.config)
             self._polling.discard(name)
-            self.snapshots.pop(name, None)
-            self.dashboard.refresh_view()
+            self.fleet.forget(name)
             self.notify(f"Node '{name}' removed.")
 
         self.push_screen(ConfirmScreen(f"Remove node '{name}' from the registry?\n"
-                                       "Its agent keeps running.", yes="Remove"), done)
+                                       "Its agent and workers keep running on the node.",
+                                       yes="Remove"), done)
 
     def action_install_agent(self) -> None:
         from rbee_tui.screens.install import InstallScreen
@@ -304,15 +374,32 @@ class RbeeApp(App[None]):
 
     def action_toggle_agent(self) -> None:
         name = self.selected_node()
-        up = self.snapshot(name).status == "up"
+        snapshot = self.fleet.snapshot(name)
+        up = snapshot.status == "up"
+        if not up:
+            self._run_toggle(name, up)
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._run_toggle(name, up)
+
+        self.push_screen(ConfirmScreen(agent_stop_question(name, snapshot), yes="Stop"),
+                         answered)
+
+    def _run_toggle(self, name: str, up: bool) -> None:
         self.run_worker(self._toggle_agent(name, up), group="agent-control",
                         exit_on_error=False, name=f"agent {name}")
 
     async def _toggle_agent(self, name: str, up: bool) -> None:
         from rbee_tui.ops import nodes as node_ops
 
-        flow = node_ops.stop_agent if up else node_ops.start_agent
-        message = await self._drain(flow(self.config, self.config.node(name)))
+        self.fleet.set_activity(name, "stopping agent…" if up else "starting agent…", hold=True)
+        try:
+            flow = node_ops.stop_agent if up else node_ops.start_agent
+            message = await self._drain(flow(self.config, self.config.node(name)))
+        finally:
+            self.fleet.clear_activity(name)
         self.notify(message)
         self.poll_now(name)
 
@@ -330,25 +417,32 @@ class RbeeApp(App[None]):
     def action_spawn_worker(self) -> None:
         from rbee_tui.screens.spawn import SpawnScreen
 
-        self.push_screen(SpawnScreen(self.selected_node()))
-
-    def stop_worker(self, node: str, worker_id: str) -> None:
-        async def stop() -> None:
-            client = await self.source.client(node)
-            await client.stop_worker(worker_id)
-            self.notify(f"Worker {worker_id} stopped.")
-            self.poll_now(node)
-
-        self.run_worker(stop(), group="workers", exit_on_error=False, name="stop worker")
-
+        self.push_screen(SpawnScreen(self.fleet, self.selected_node()))
 
     async def on_unmount(self) -> None:
         gc.unfreeze()
+        if self._chats is not None:
+            self._chats.close()
         close = getattr(self.source, "aclose", None)
         if close is not None:
             await close()
         if self.links is not None:
             await self.links.aclose()
+
+
+def agent_stop_question(name: str, snapshot: NodeSnapshot) -> str:
+    """The confirmation for `s` on a running agent, with what stops with it (B169)."""
+    workers = snapshot.workers
+    if not workers:
+        return f"Stop the agent on {name}?\nNo worker is running; nothing else stops."
+    busy = [w for w in workers if w.state == "busy" or w.active_requests]
+    models = ", ".join(sorted({w.model_id for w in workers}))
+    lines = [f"Stop the agent on {name}?",
+             f"Its {len(workers)} worker(s) stop with it ({models})."]
+    if busy:
+        requests = sum(max(1, w.active_requests) for w in busy)
+        lines.append(f"{requests} request(s) in progress will be cut off.")
+    return "\n".join(lines)
 
 
 def run_app(config: Config, ephemeral: bool = False) -> int:

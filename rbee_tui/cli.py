@@ -185,8 +185,15 @@ def _workers(sub: argparse._SubParsersAction[Parser]) -> None:
                        help="a catalog name, hf:org/repo[/file.gguf] or file:///path.gguf")
     spawn.add_argument("--backend", default="cpu", metavar="NAME",
                        help="where it runs: cpu, cuda or metal (default: cpu)")
-    spawn.add_argument("--device", type=int, default=0, metavar="N",
-                       help="GPU number (default: 0)")
+    spawn.add_argument("--device", type=int, default=None, metavar="N",
+                       help="GPU number (default: the GPU with the most free memory that fits)")
+    spawn.add_argument("--gpu-layers", default=None, metavar="N|all|auto",
+                       help="layers on the GPU; auto: as many as fit, the rest on the CPU "
+                       "(default: all)")
+    spawn.add_argument("--ctx-size", type=int, default=None, metavar="TOKENS",
+                       help="context per slot (default: the agent's, capped at the model's)")
+    spawn.add_argument("--slots", type=int, default=None, metavar="N",
+                       help="requests served at once (default: the agent's)")
     spawn.add_argument("--new", action="store_true",
                        help="start another worker even when one could be handed back")
     _json(spawn)

@@ -280,10 +280,16 @@ async def cmd_workers_list(args: argparse.Namespace, config: Config, links: Node
 
 async def cmd_workers_spawn(args: argparse.Namespace, config: Config, links: NodeLinks,
                             printer: EventPrinter) -> int:
+    from rbee_tui.cli import UsageError
     from rbee_tui.ops import workers as worker_ops
 
+    try:
+        gpu_layers = worker_ops.parse_gpu_layers(args.gpu_layers or "")
+    except ValueError as exc:
+        raise UsageError(f"--gpu-layers: {exc}") from None
     spec = worker_ops.SpawnSpec(node=args.node, model_ref=args.model, backend=args.backend,
-                                device=args.device, new=args.new)
+                                device=args.device, new=args.new, ctx_size=args.ctx_size,
+                                slots=args.slots, gpu_layers=gpu_layers)
     worker_ops.validate_spawn(spec, config)
     client = await links.open(args.node)
     async with client:

@@ -76,6 +76,7 @@ class OperatorSettings(BaseModel):
     ephemeral: bool = False
     # dashboard (B70, B77)
     poll_interval_s: float = Field(default=2.0, gt=0)
+    dashboard_frame_s: float = Field(default=0.5, gt=0)  # poll results drawn together (B166)
     theme: str = "rbee"
     # `rbee serve`, the OpenAI-compatible gateway (B186-B189)
     gateway_host: str = "127.0.0.1"

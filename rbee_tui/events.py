@@ -68,7 +68,7 @@ class Note:
 
 @dataclass(frozen=True)
 class Queued:
-    """The request waits in the worker's queue with `ahead` requests before it (B148)."""
+    """The request waits in the worker's queue with `ahead` requests before it (B148, B170)."""
 
     ahead: int
 

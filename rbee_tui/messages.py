@@ -1,19 +1,28 @@
-"""Typed messages between the app's data work and its widgets (STYLE lesson 5)."""
+"""Typed messages from screens to the app (lesson 5): what a screen asks the app to do.
+
+Screens never import the app: they post one of these, which bubbles up to `RbeeApp`. Data
+flows the other way through `Fleet.changed` (rbee_tui/fleet.py).
+"""
 
 from __future__ import annotations
 
 from textual.message import Message
 
-from rbee_tui.node_source import NodeSnapshot
 
+class PollNow(Message):
+    """Ask the app to poll a node at once (after a spawn, a stop, a start)."""
 
-class NodePolled(Message):
-    """A node answered a poll (or did not: then its snapshot says why)."""
-
-    def __init__(self, snapshot: NodeSnapshot) -> None:
+    def __init__(self, node: str) -> None:
         super().__init__()
-        self.snapshot = snapshot
+        self.node = node
 
 
-class RegistryChanged(Message):
-    """Nodes were added, edited or removed."""
+class OpenChat(Message):
+    """Open the chat on a node, with a model, or with a saved conversation."""
+
+    def __init__(self, node: str, model: str | None = None,
+                 conversation_id: int | None = None) -> None:
+        super().__init__()
+        self.node = node
+        self.model = model
+        self.conversation_id = conversation_id

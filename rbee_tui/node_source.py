@@ -2,12 +2,18 @@
 
 `LiveNodeSource` asks real agents (through `NodeLinks`); tests plug a scripted source with the
 same `poll` method, which is the only place the TUI's data can be faked.
+
+A node that did not answer carries the error's code, message and hint, so the dashboard can
+say what to do about it (B171). The first poll of `localhost` may start the local agent
+(B09): that start has its own timeout (`agent_start_timeout_s`), not the poll's, and the
+source reports it through `on_connecting` so the row says "starting agent…" meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -28,9 +34,14 @@ class NodeSnapshot:
     workers: tuple[WorkerInfo, ...] = ()
     reason: str | None = None
     polled_at: float = field(default_factory=time.time)
+    code: str | None = None  # the RbeeError code of a failed poll
+    hint: str | None = None
 
 
 class NodeSource(Protocol):
+    # Set by the dashboard: told (node, note) when a poll must first connect or start.
+    on_connecting: Callable[[str, str], None] | None
+
     async def poll(self, name: str) -> NodeSnapshot: ...
 
     async def client(self, name: str) -> AgentClient:
@@ -52,6 +63,8 @@ class LiveNodeSource:
         self.links = links
         self.timeout_s = timeout_s
         self._clients: dict[str, AgentClient] = {}
+        # Told when a poll must first open a node's link: start the local agent, or dial SSH.
+        self.on_connecting: Callable[[str, str], None] | None = None
 
     async def client(self, name: str) -> AgentClient:
         """Polls show a dead remote agent as dead; starting it is the operator's call."""
@@ -65,7 +78,14 @@ class LiveNodeSource:
         return await self.links.open(name)
 
     async def poll(self, name: str) -> NodeSnapshot:
+        local = self.config.node(name).is_local
         try:
+            if local and name not in self._clients:
+                # Finding or starting the local agent is bounded by agent_start_timeout_s.
+                self._connecting(name, "starting agent…")
+                await self.client(name)
+            elif name not in self._clients:
+                self._connecting(name, "connecting over SSH…")
             async with asyncio.timeout(self.timeout_s):
                 client = await self.client(name)
                 health = await client.check_version()
@@ -73,11 +93,17 @@ class LiveNodeSource:
         except (RbeeError, TimeoutError) as exc:
             await self._drop(name)
             self.links.suspect(name)
-            reason = exc.message if isinstance(exc, RbeeError) else (
-                f"no answer within {self.timeout_s:g} s")
-            return NodeSnapshot(name=name, status="down", reason=reason)
+            if isinstance(exc, RbeeError):
+                return NodeSnapshot(name=name, status="down", reason=exc.message,
+                                    code=str(exc.code), hint=exc.hint)
+            return NodeSnapshot(name=name, status="down", code="TIMEOUT",
+                                reason=f"no answer within {self.timeout_s:g} s")
         return NodeSnapshot(name=name, status="up", agent_version=health.version, info=info,
                             workers=tuple(workers))
+
+    def _connecting(self, name: str, note: str) -> None:
+        if self.on_connecting is not None:
+            self.on_connecting(name, note)
 
     async def models(self, name: str) -> ModelsReply:
         return await (await self.client(name)).models()

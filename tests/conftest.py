@@ -11,6 +11,22 @@ from tests.cli_support import RbeeEnv, make_env
 from tests.support import WorkerProc, start_worker_process
 
 
+@pytest.fixture(autouse=True)
+def isolated_operator_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test touches the real config, state or saved chats: `RBEE_CONFIG` points into the
+    test's temp dir unless the test sets it itself."""
+    monkeypatch.setenv("RBEE_CONFIG", str(tmp_path / "operator" / "config.toml"))
+
+
+@pytest.fixture(autouse=True)
+def no_cursor_blink(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blinking cursor makes snapshots and Pilot timing depend on the clock (harlequin)."""
+    from textual.widgets import Input, TextArea
+
+    monkeypatch.setattr(Input, "cursor_blink", False)
+    monkeypatch.setattr(TextArea, "cursor_blink", False)
+
+
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProc]]:
     """Start real worker processes on free loopback ports; all are killed at teardown."""

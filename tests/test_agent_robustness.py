@@ -200,8 +200,7 @@ def test_b125_a_full_queue_is_answered_by_the_agent(
     a = start_agent(**{"worker-queue-depth": "1"})
     worker = a.spawn()
     info = a.wait_state(worker["id"], "idle")
-    if info["queue_depth"] == 0:
-        pytest.skip("this installation's worker has no --queue-depth yet")
+    assert info["queue_depth"] == 1
     url = f"{a.url}/v1/workers/{worker['id']}/inference"
     long = {"prompt": LONG_PROMPT, "max_tokens": 1500, "temperature": 0}
     with httpx.stream("POST", url, headers=a.headers, timeout=60, json=long) as first:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,10 @@ from rbee_tui.node_source import LiveNodeSource
 from rbee_tui.screens.chat import ChatScreen
 from rbee_tui.screens.dashboard import DashboardScreen
 from rbee_tui.screens.modals import ConfirmScreen, HelpScreen
+from rbee_tui.widgets.event_log import EventLog
 from rbee_tui.widgets.tables import NodesTable, WorkersTable
 from tests.cli_support import RbeeEnv
-from tests.tui_support import fill, make_app
+from tests.tui_support import Notifications, fill, make_app, until, wait_for_workers
 
 SIZE = (120, 36)
 
@@ -30,7 +30,7 @@ async def test_b70_dead_node_turns_red_and_recovers_by_itself() -> None:
         await pilot.pause()
         table = app.dashboard.query_one(NodesTable)
         assert "down" in str(table.get_cell("lab-a100", "STATUS"))
-        assert "Cannot reach" in str(table.get_cell("lab-a100", "NOTE"))
+        assert "press s to start it" in str(table.get_cell("lab-a100", "NOTE"))
         source.down.clear()
         await app._poll("lab-a100")
         await pilot.pause()
@@ -53,49 +53,71 @@ async def test_b70_rows_update_by_key_and_the_cursor_stays() -> None:
         keys_before = [k.value for k in table.rows]
         await fill(app, source, 3)
         await pilot.pause()
-        await pilot.pause()
         assert [k.value for k in table.rows] == keys_before
         assert table.selected_key() == "gpu1"
         workers = app.dashboard.query_one(WorkersTable)
         assert [k.value for k in workers.rows] == ["w1-a3f2", "w2-77c1"]
-        assert len(app.history["gpu1"]) == 5
+        assert len(app.fleet.stats_of("gpu1").ram_used_mb) == 5
 
 
 async def test_b70_polls_pause_while_a_modal_is_open() -> None:
-    app, source = make_app()
+    from textual.screen import ModalScreen
+
+    app, _ = make_app()
     app.poll_enabled = True
-    app.config.settings.poll_interval_s = 0.05
-    polled: list[str] = []
-    original = source.poll
+    app.config.settings.poll_interval_s = 0.01
+    polls: list[bool] = []  # one per poll started: was a modal open?
+    ticks_in_modal: list[str] = []
+    poll_now, next_poll = app.poll_now, app._next_poll
 
-    async def counting(name: str):  # type: ignore[no-untyped-def]
-        polled.append(name)
-        return await original(name)
+    def modal() -> bool:
+        return bool(app.screen_stack) and isinstance(app.screen_stack[-1], ModalScreen)
 
-    source.poll = counting  # type: ignore[method-assign]
+    def counting_poll(name: str) -> None:
+        polls.append(modal())
+        poll_now(name)
+
+    def counting_tick(name: str) -> None:
+        if modal():
+            ticks_in_modal.append(name)
+        next_poll(name)
+
+    app.poll_now = counting_poll  # type: ignore[method-assign]
+    app._next_poll = counting_tick  # type: ignore[method-assign]
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause(0.3)
-        assert len(polled) >= 6
+        await until(pilot, lambda: len(polls) >= 6)
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
-        await pilot.pause(0.1)
-        during = len(polled)
-        await pilot.pause(0.4)
-        assert len(polled) == during, "polled while a modal was open"
+        # Every node's poll timer fires twice while the help is open, and starts nothing.
+        await until(pilot, lambda: len(ticks_in_modal) >= 2 * len(app.config.names()))
+        assert not any(polls), "polled while a modal was open"
         await pilot.press("escape")
-        await pilot.pause(0.8)
-        assert len(polled) > during
+        resumed = len(polls)
+        await until(pilot, lambda: len(polls) > resumed + 3)
 
 
 def test_b76_every_binding_has_an_id_and_a_tooltip() -> None:
-    from rbee_tui.screens import chat, download, install, logs, modals, models, node_form, spawn
+    from rbee_tui.screens import (
+        chat,
+        chat_list,
+        chat_settings,
+        download,
+        install,
+        logs,
+        modals,
+        models,
+        node_form,
+        spawn,
+    )
+    from rbee_tui.widgets.chat_input import ChatInput
 
     classes = [RbeeApp, DashboardScreen, chat.ChatScreen, models.ModelsScreen,
-               logs.LogsScreen, modals.ConfirmScreen, modals.HelpScreen,
-               node_form.NodeFormScreen, install.InstallScreen, spawn.SpawnScreen,
-               download.DownloadScreen]
+               logs.LogsScreen, modals.ConfirmScreen, modals.HelpScreen, modals.PromptScreen,
+               modals.CommandScreen, node_form.NodeFormScreen, install.InstallScreen,
+               spawn.SpawnScreen, download.DownloadScreen, chat_list.ChatListScreen,
+               chat_settings.ChatSettingsScreen, ChatInput]
     for cls in classes:
-        for binding in cls.BINDINGS:
+        for binding in [*cls.BINDINGS, *getattr(cls, "HELP_BINDINGS", [])]:
             assert isinstance(binding, Binding)
             assert binding.id and binding.tooltip, f"{cls.__name__}: {binding.key}"
 
@@ -104,14 +126,15 @@ async def test_b76_help_lists_the_screens_keys() -> None:
     app, _ = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("question_mark")
-        text = str(app.screen.query_one("#help-text").render())
+        assert isinstance(app.screen, HelpScreen)
+        text = app.screen.text()
         for words in ("Add a node: SSH is tested", "Install or upgrade the agent",
                       "Show every key"):
             assert words in text
 
 
 async def test_b76_palette_finds_nodes_and_actions() -> None:
-    from rbee_tui.app import RbeeCommands
+    from rbee_tui.palette import RbeeCommands
 
     app, _ = make_app()
     async with app.run_test(size=SIZE):
@@ -133,6 +156,7 @@ async def test_b71_delete_node_asks_first(tmp_path: Path, monkeypatch: pytest.Mo
         await pilot.press("d", "y")
         await pilot.pause()
         assert "lab-a100" not in app.config.nodes
+        assert "lab-a100" not in app.dashboard.query_one(NodesTable).rows
     assert "lab-a100" not in load_config().nodes and "gpu1" in load_config().nodes
 
 
@@ -142,61 +166,63 @@ async def test_b73_model_delete_asks_then_calls_the_agent() -> None:
         await fill(app, source, 1)
         await pilot.pause()
         await pilot.press("j", "m")
-        await pilot.pause(0.2)
+        await wait_for_workers(pilot, "models")
         await pilot.press("j", "d")
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("y")
-        await pilot.pause(0.3)
+        await wait_for_workers(pilot, "models-delete")
     assert "DELETE /v1/models/qwen2.5-7b-instruct" in source.requests
 
 
-async def test_b73_download_shows_progress_then_reloads_the_catalog() -> None:
+async def test_b73_download_shows_progress_then_closes_and_reloads_the_catalog() -> None:
     from rbee_tui.screens.download import DownloadScreen
 
     app, source = make_app()
+    notes = Notifications(app)
     async with app.run_test(size=SIZE) as pilot:
         await fill(app, source, 1)
         await pilot.pause()
         await pilot.press("j", "m")
-        await pilot.pause(0.2)
+        await wait_for_workers(pilot, "models")
         await pilot.press("n")
-        assert isinstance(app.screen, DownloadScreen)
+        dialog = app.screen
+        assert isinstance(dialog, DownloadScreen)
         await pilot.press(*"not a ref", "enter")
-        assert "Use hf:" in str(app.screen.query_one("#download-status", Label).render())
-        app.screen.query_one("#download-ref", Input).value = "hf:bees/Tiny-GGUF"
+        assert "Use hf:" in str(dialog.query_one("#download-status", Label).render())
+        dialog.query_one("#download-ref", Input).value = "hf:bees/Tiny-GGUF"
+        events = dialog.query_one(EventLog)
         await pilot.press("enter")
-        for _ in range(40):
-            await pilot.pause(0.05)
-            if app.screen.done:  # type: ignore[attr-defined]
-                break
-        status = str(app.screen.query_one("#download-status", Label).render())
-        assert "tiny downloaded to /srv/rbee/models/hf/tiny.gguf" in status
-        bar = app.screen.query_one("#download-progress")
-        assert bar.percentage == 1.0  # type: ignore[attr-defined]
-        await pilot.press("escape")
-        await pilot.pause(0.2)
+        await wait_for_workers(pilot, "download")
+        assert app.screen is not dialog, "the dialog closes after success"
+        assert dialog.done
+        log = "\n".join(events.plain)
+        assert "tiny downloaded to /srv/rbee/models/hf/tiny.gguf" in log
+        await notes.wait_for("tiny downloaded to /srv/rbee/models/hf/tiny.gguf")
     assert "POST /v1/models/download" in source.requests
 
 
-async def test_b74_stop_worker_from_the_workers_table() -> None:
+async def test_b74_stop_worker_from_the_workers_table_after_confirming() -> None:
     app, source = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await fill(app, source, 1)
         await pilot.pause()
         await pilot.press("j", "tab", "x")
-        await pilot.pause(0.3)
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "unloaded" in app.screen.question
+        await pilot.press("y")
+        await wait_for_workers(pilot, "workers")
     assert "DELETE /v1/workers/w1-a3f2" in source.requests
 
 
 async def test_b78_errors_become_notifications() -> None:
     app, source = make_app()
+    notes = Notifications(app)
     async with app.run_test(size=SIZE) as pilot:
         await fill(app, source, 1)
         await pilot.pause()
         await pilot.press("G", "m")  # lab-a100 is down: its catalog cannot load
-        await pilot.pause(0.3)
-        messages = [n.message for n in app._notifications]
-        assert any("Cannot reach the agent of node 'lab-a100'" in m for m in messages)
+        await wait_for_workers(pilot, "models")
+        await notes.wait_for("Cannot reach the agent of node 'lab-a100'")
 
 
 async def test_b77_theme_choice_is_persisted(tmp_path: Path,
@@ -221,12 +247,11 @@ async def test_b77_broken_user_theme_falls_back_with_a_notification(
     (themes / "broken.toml").write_text('name = "broken"\nprimary = "not-a-colour"\n')
     (themes / "mine.toml").write_text('name = "mine"\nprimary = "#336699"\n')
     app, _ = make_app()
+    notes = Notifications(app)
     app.config.settings.theme = "broken"
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+    async with app.run_test(size=SIZE):
+        await notes.wait_for("broken.toml was skipped", "not available")
         assert app.theme == "rbee" and "mine" in app.available_themes
-        messages = " ".join(n.message for n in app._notifications)
-        assert "broken.toml was skipped" in messages and "not available" in messages
 
 
 # ---------------------------------------------------------------- the real thing
@@ -244,29 +269,25 @@ async def test_b72_chat_streams_real_tokens_and_esc_cancels(rbee: RbeeEnv,
         assert isinstance(app.screen, ChatScreen)
         chat = app.screen
         await pilot.press(*"Count: 1, 2, 3, 4,", "enter")
-        for _ in range(300):
-            await pilot.pause(0.1)
-            status = str(chat.query_one("#chat-status", Label).render())
-            if "tokens/s" in status and "tokens ·" in status:
-                break
-        else:
-            raise AssertionError(f"no tokens streamed: {status}")
+
+        def status() -> str:
+            return str(chat.query_one("#chat-status", Label).render())
+
+        await until(pilot, lambda: "tokens/s" in status() and "tokens ·" in status(),
+                    limit_s=60)
         await pilot.press("escape")
-        for _ in range(50):
-            await pilot.pause(0.1)
-            if chat.generating is None:
-                break
-        assert chat.generating is None
-        status = str(chat.query_one("#chat-status", Label).render())
-        assert "stopped after" in status
+        await until(pilot, lambda: chat.generating is None)
+        assert "stopped after" in status()
         reply = chat.query(Markdown).last()
         assert reply.source.strip()
         # The slot is free: a second question streams and finishes.
         await pilot.press(*"Hi", "enter")
-        for _ in range(300):
-            await pilot.pause(0.1)
-            if chat.generating is None and len(chat.history) == 4:
-                break
+        await until(pilot, lambda: chat.generating is None and len(chat.history) == 4,
+                    limit_s=60)
         assert [m.role for m in chat.history] == ["user", "assistant", "user", "assistant"]
-        assert isinstance(chat.query_one("#chat-input"), Input)
-    await asyncio.sleep(0)
+        # Esc with nothing streaming goes back; the conversation was saved on the way.
+        await pilot.press("escape")
+        assert app.screen is app.dashboard
+        saved = app.chats.latest("localhost", chat.model)
+        assert saved is not None and [m.role for m in saved.messages] == [
+            "user", "assistant", "user", "assistant"]

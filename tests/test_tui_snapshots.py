@@ -1,97 +1,105 @@
-"""Snapshots of every screen (B70-B79) with deterministic data from the scripted source.
+"""Snapshots of every screen (B70-B79, B160-B176) with deterministic data from the scripted
+source: at 120×36, and at 80×24 (the smallest terminal we support) for the dashboard, the
+node form, the chat and the help; at 200×60 for the dashboard, whose graphs take the room.
 
-Look at the SVGs under tests/__snapshots__/ when you accept a change: they are claims about
-what a person sees.
+Look at the SVGs under tests/__snapshots__/ when you accept a change (render one with
+`.venv/bin/python tools/screenshots.py --png FILE.svg`): they are claims about what a person
+sees. Nothing here reads the wall clock: the scripted world has its own (`NOW`), and the
+chat's tokens/s readout runs on a clock that ticks 10 ms per reading.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from textual.pilot import Pilot
-from textual.widgets import Input
 
 from rbee_tui.screens import chat
-from tests.tui_support import fill, make_app
+from tests.tui_support import fill, frames, make_app, wait_for_workers
 
 SIZE = (120, 36)
+SMALL = (80, 24)
+BIG = (200, 60)
+
+Before = Callable[[Pilot[None]], Awaitable[None]]
 
 
-def settle(app_fill: bool = True) -> Callable[[Pilot[None]], object]:
+def settle(*keys: str, groups: tuple[str, ...] = ()) -> Before:
     async def run_before(pilot: Pilot[None]) -> None:
         app = pilot.app
-        if app_fill:
-            await fill(app, app.source)  # type: ignore[attr-defined]
-        for box in app.screen.query(Input):
-            box.cursor_blink = False
+        await fill(app, app.source)  # type: ignore[attr-defined]
         await pilot.pause()
+        await frames(app.dashboard)  # type: ignore[attr-defined]
+        if keys:
+            await pilot.press(*keys)
+        if groups:  # a log or a held stream never completes: wait only for these
+            await wait_for_workers(pilot, *groups)
+        await frames(app.screen)
 
     return run_before
 
 
-def test_snapshot_dashboard(snap_compare: Callable[..., bool]) -> None:
+@pytest.mark.parametrize("size", [SIZE, SMALL, BIG], ids=["120x36", "80x24", "200x60"])
+def test_snapshot_dashboard(snap_compare: Callable[..., bool], size: tuple[int, int]) -> None:
     app, _ = make_app()
-    assert snap_compare(app, terminal_size=SIZE, run_before=settle(), press=["j"])
+    assert snap_compare(app, terminal_size=size, run_before=settle("j"))
 
 
-def test_snapshot_help(snap_compare: Callable[..., bool]) -> None:
+@pytest.mark.parametrize("size", [SIZE, SMALL], ids=["120x36", "80x24"])
+def test_snapshot_help(snap_compare: Callable[..., bool], size: tuple[int, int]) -> None:
     app, _ = make_app()
-    assert snap_compare(app, terminal_size=SIZE, run_before=settle(), press=["question_mark"])
+    assert snap_compare(app, terminal_size=size, run_before=settle("question_mark"))
 
 
-def test_snapshot_node_form(snap_compare: Callable[..., bool]) -> None:
+@pytest.mark.parametrize("size", [SIZE, SMALL], ids=["120x36", "80x24"])
+def test_snapshot_node_form(snap_compare: Callable[..., bool], size: tuple[int, int]) -> None:
     app, _ = make_app()
-
-    async def before(pilot: Pilot[None]) -> None:
-        await settle()(pilot)  # type: ignore[misc]
-        await pilot.press("a")
-        await pilot.pause()
-        for box in pilot.app.screen.query(Input):
-            box.cursor_blink = False
-        await pilot.press(*"gpu2", "tab", *"10.0.0.22", "tab", "tab", *"ops")
-        await pilot.pause()
-
-    assert snap_compare(app, terminal_size=SIZE, run_before=before)
+    keys = ("a", *"gpu2", "tab", *"10.0.0.22", "tab", "tab", *"ops")
+    assert snap_compare(app, terminal_size=size, run_before=settle(*keys))
 
 
 def test_snapshot_models(snap_compare: Callable[..., bool]) -> None:
     app, _ = make_app()
+    assert snap_compare(app, terminal_size=SIZE, run_before=settle("j", "m", groups=("models",)))
 
-    async def before(pilot: Pilot[None]) -> None:
-        await settle()(pilot)  # type: ignore[misc]
-        await pilot.press("j", "m")
-        await pilot.pause(0.3)
 
-    assert snap_compare(app, terminal_size=SIZE, run_before=before)
+def test_snapshot_spawn_form(snap_compare: Callable[..., bool]) -> None:
+    app, _ = make_app()
+    assert snap_compare(app, terminal_size=SIZE,
+                        run_before=settle("j", "w", groups=("spawn-models",)))
 
 
 def test_snapshot_logs(snap_compare: Callable[..., bool]) -> None:
     app, _ = make_app()
 
     async def before(pilot: Pilot[None]) -> None:
-        await settle()(pilot)  # type: ignore[misc]
-        await pilot.press("j", "l")
-        await pilot.pause(0.3)
+        await settle("j", "l")(pilot)
+        view = pilot.app.screen.query_one("#log")
+        while view.document.line_count < 5:  # type: ignore[attr-defined]
+            await pilot.pause()
 
     assert snap_compare(app, terminal_size=SIZE, run_before=before)
 
 
+@pytest.mark.parametrize("size", [SIZE, SMALL], ids=["120x36", "80x24"])
 def test_snapshot_chat_mid_stream(snap_compare: Callable[..., bool],
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                  monkeypatch: pytest.MonkeyPatch,
+                                  size: tuple[int, int], tmp_path: object) -> None:
     # A clock that ticks 10 ms per reading, so the tokens/s readout is the same every run.
     ticks = itertools.count()
     monkeypatch.setattr(chat.time, "perf_counter", lambda: next(ticks) * 0.01)
+    monkeypatch.setenv("RBEE_CONFIG", f"{tmp_path}/config.toml")
     app, _ = make_app(hold_stream=True)
 
     async def before(pilot: Pilot[None]) -> None:
-        await settle()(pilot)  # type: ignore[misc]
-        await pilot.press("j", "c")
-        await pilot.pause(0.3)
-        for box in pilot.app.screen.query(Input):
-            box.cursor_blink = False
+        await settle("j", "c", groups=("chat-models",))(pilot)
         await pilot.press(*"What is the capital of France?", "enter")
-        await pilot.pause(0.5)
+        screen = pilot.app.screen
+        while "tokens ·" not in str(screen.query_one("#chat-status").render()):
+            await pilot.pause()
+        while len(screen.query_one("#conversation").children[-1].source) < 60:
+            await pilot.pause()
 
-    assert snap_compare(app, terminal_size=SIZE, run_before=before)
+    assert snap_compare(app, terminal_size=size, run_before=before)

@@ -68,3 +68,13 @@ def test_b70_b72_real_rbee_in_tmux_shows_localhost_and_chats(tmux: Callable[...,
     wait_screen(tmux, "Workers on localhost")
     text = wait_screen(tmux, "smollm2-135m", timeout=10)  # the next 2 s poll shows it
     assert "w1-" in text  # the worker's row (its id), however wide the terminal came up
+
+
+def test_b173_keys_typed_fast_after_a_land_in_the_new_nodes_name(tmux: Callable[..., str]
+                                                                ) -> None:
+    wait_screen(tmux, "localhost")
+    tmux("a" + "anode2")  # one write: the terminal delivers all seven keys at once
+    text = wait_screen(tmux, "Add a node")
+    text = wait_screen(tmux, "anode2")
+    name_line = next(line for line in text.splitlines() if "Name" in line)
+    assert "anode2" in name_line

@@ -197,6 +197,7 @@ def test_b27_ready_callback_is_authenticated_and_retried(
     assert body["backend"] == "cpu" and body["device"] == 0
     assert body["model"] == str(bundled_model_path()) and body["pid"] == w.proc.pid
     assert body["layers_total"] == 30
+    assert body["gpu_layers"] == 0 and body["queue_depth"] == 64 and body["slots"] == 1
 
 
 # ---------------------------------------------------------------- parent death

@@ -54,7 +54,8 @@ async def test_b41_b42_answers_while_loading_then_ready(service: WorkerService) 
         assert "layer" in busy.json()["error"]["message"]
         await asyncio.wait_for(follower, 30)
         assert (await client.get("/v1/ready")).json() == {
-            "ready": True, "state": "idle", "model_loaded": True}
+            "ready": True, "state": "idle", "model_loaded": True, "queued": 0,
+            "queue_depth": 64}
     loading = [e for e in events if e.stage == "loading"]
     assert len(loading) >= 3, "llama.cpp's progress callback should report several steps"
     layers = [e.layers_loaded for e in loading]

@@ -44,6 +44,7 @@ from rbee_agent.openai.translate import (
 )
 from rbee_agent.openai.wire import ChatCompletionRequest, CompletionRequest
 from rbee_agent.protocol import (
+    REQUEST_ID_HEADER,
     CatalogEntry,
     ErrorCode,
     InferenceRequest,
@@ -52,7 +53,6 @@ from rbee_agent.protocol import (
 )
 from rbee_agent.provision import Plan
 from rbee_agent.proxy import (
-    REQUEST_ID_HEADER,
     Upstream,
     read_reply,
     send_inference,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -9,16 +11,17 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rbee_agent import __version__
 from rbee_agent.auth import check_bearer
+from rbee_agent.edge import BodyLimit
 from rbee_agent.http_errors import error_response, install_error_handlers, parse_body
 from rbee_agent.protocol import (
+    REQUEST_ID_HEADER,
     SSE_DONE,
-    ErrorCode,
     HealthReply,
     InferenceRequest,
+    InferenceResult,
     RbeeError,
     ReadyReply,
     ShutdownReply,
@@ -28,48 +31,13 @@ from rbee_agent.protocol import (
 from rbee_agent.sse import SSEResponse
 from rbee_agent.worker.service import InferenceRun, WorkerService
 
-REQUEST_ID_HEADER = "X-Request-Id"
 
-
-class BodyLimit:
-    """Refuse request bodies over the limit before anything parses them."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            err = RbeeError(
-                ErrorCode.REQUEST_TOO_LARGE,
-                f"The request body is {int(length)} bytes; this worker accepts at most "
-                f"{self.limit} bytes",
-                hint="Shorten the prompt or the chat history.",
-                details={"bytes": int(length), "limit": self.limit},
-            )
-            await error_response(err)(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited_receive() -> dict[str, object]:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise RbeeError(
-                        ErrorCode.REQUEST_TOO_LARGE,
-                        f"The request body exceeds this worker's limit of {self.limit} bytes",
-                        details={"limit": self.limit},
-                    )
-            return message  # type: ignore[return-value]
-
-        await self.app(scope, limited_receive, send)
-
+def _rbee_error_response(err: RbeeError) -> JSONResponse:
+    """The one error body; a refusal that says when to come back also says it in the
+    standard `Retry-After` header (QUEUE_FULL, a queue timeout)."""
+    retry = err.details.get("retry_after_s")
+    headers = {"Retry-After": str(int(retry))} if isinstance(retry, int | float) else None
+    return error_response(err, headers=headers)
 
 def create_app(
     service: WorkerService, on_startup: Callable[[], None] | None = None
@@ -86,7 +54,12 @@ def create_app(
     app = FastAPI(title="rbee worker", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+
+    @app.exception_handler(RbeeError)
+    async def _rbee_error(_: Request, exc: RbeeError) -> JSONResponse:
+        return _rbee_error_response(exc)
+
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes, owner="worker")
 
     def require_key(request: Request) -> None:
         check_bearer(request, settings.api_key)
@@ -95,8 +68,10 @@ def create_app(
     async def health() -> HealthReply:
         return HealthReply(
             version=__version__, worker_id=settings.worker_id, state=service.state,
-            slots_total=service.slots.total, slots_busy=service.slots.busy,
-            tokens_served=service.tokens_served,
+            slots_total=service.admission.total, slots_busy=service.admission.busy,
+            tokens_served=service.tokens_served, queued=service.admission.queued,
+            queue_depth=settings.queue_depth, gpu_layers=service.engine.gpu_layers,
+            layers_total=service.engine.layers_total,
         )
 
     api = APIRouter(dependencies=[Depends(require_key)])
@@ -120,7 +95,9 @@ def create_app(
         run = await service.begin(body, request.headers.get(REQUEST_ID_HEADER))
         headers = {REQUEST_ID_HEADER: run.request_id}
         if not body.stream:
-            result = await run.collect()
+            result = await _collect_unless_gone(run, request)
+            if result is None:  # nobody is listening any more
+                return Response(status_code=499)
             return JSONResponse(result.model_dump(), headers=headers)
         return SSEResponse(_token_frames(run), headers=headers)
 
@@ -142,6 +119,31 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
     """Document a body we parse by hand in the OpenAPI schema."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+async def _collect_unless_gone(run: InferenceRun, request: Request) -> InferenceResult | None:
+    """A non-streamed result; a client that hangs up meanwhile (even while its request
+    waits in the queue) cancels it, as a streaming client's does (B45)."""
+    collect = asyncio.ensure_future(run.collect())
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({collect, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    if not collect.done():
+        collect.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RbeeError):
+            await collect
+        run.cancel()
+        return None
+    return collect.result()
 
 
 async def _token_frames(run: InferenceRun) -> AsyncIterator[bytes]:

@@ -1,44 +1,46 @@
-"""llama.cpp behind a thread boundary: load with layer progress, generate token by token.
+"""The worker's model: loaded once, one context for every slot, prompts made into tokens.
 
-Everything here is blocking and runs on threads the worker's server starts; ctypes releases
-the GIL while llama.cpp computes, so the event loop stays responsive. Results leave through
-an `emit` callable (the server hands them to its loop with `call_soon_threadsafe`).
+`load` opens the GGUF file with llama.cpp (layer progress through llama.cpp's own progress
+callback), creates one context with a sequence per slot and starts the engine thread
+(scheduler.py), which runs every generation. `prepare` turns a request into prompt tokens
+and checks it, on any thread, so a request is refused before it takes a slot or a queue
+place (B106); `submit` hands an admitted job to the engine thread.
 
-One slot = one llama.cpp context. With `slots > 1` the model file is opened once per slot
-with mmap, so the weights share the page cache and each slot generates truly in parallel
-(on a GPU backend each slot holds its own copy of the offloaded weights).
-
-The generation loop is our own (over `Llama.generate`) rather than `create_completion`:
-it counts tokens exactly, checks for cancellation between tokens, and holds back only the
-text that could still become a stop string.
+Memory: one copy of the weights whatever the slot count, plus a KV cache of `ctx_size`
+cells per slot.
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import logging
-import secrets
-import threading
-import time
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rbee_agent.gguf_meta import GgufMeta, read_gguf_meta
-from rbee_agent.protocol import (
-    DoneEvent,
-    ErrorCode,
-    FinishReason,
-    InferenceRequest,
-    RbeeError,
-    TokenEvent,
-)
+from rbee_agent.protocol import ErrorCode, InferenceRequest, RbeeError
+from rbee_agent.worker import native
+from rbee_agent.worker.sampling import check_grammar
+from rbee_agent.worker.scheduler import Job, Reuse, Scheduler, Sink
+from rbee_agent.worker.stops import StopHoldback
 
 log = logging.getLogger(__name__)
 
-Emit = Callable[[TokenEvent | DoneEvent], None]
+# The stop-string hold-back lives in stops.py; the old name stays for its tests.
+_StopHoldback = StopHoldback
+
+DEFAULT_PREFILL_CHUNK = 256
+
+
+def default_threads() -> int:
+    """Half the logical CPUs (llama-cpp-python's own default, which workers always had): the
+    physical cores on an SMT machine, and a core left for the HTTP side on a small node.
+    llama.cpp's CPU threads wait for each other at every step of a decode; on a node whose
+    cores are all taken, two threads on two cores can be many times slower than one."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 @dataclass(frozen=True)
@@ -46,101 +48,58 @@ class EngineConfig:
     model_path: Path
     backend: str = "cpu"
     device: int = 0
-    ctx_size: int = 2048
+    ctx_size: int = 2048  # per slot
     threads: int | None = None
     slots: int = 1
-
-
-@dataclass
-class Generation:
-    """One request's handle, shared between the server (cancel) and the engine thread."""
-
-    request_id: str
-    cancel: threading.Event
-    started: float
-    produced: int = 0  # tokens sampled so far, written by the engine thread only
-
-
-@contextlib.contextmanager
-def _model_load_progress(on_fraction: Callable[[float], bool]) -> Iterator[None]:
-    """Hook llama.cpp's load progress callback into `Llama(...)`.
-
-    llama-cpp-python builds its model params inside `Llama.__init__` and offers no argument
-    for the callback, so while we construct a model we wrap the params factory it calls.
-    Only one load runs at a time in a worker (the caller holds the load lock).
-    """
-    import llama_cpp.llama_cpp as C
-
-    @C.llama_progress_callback  # type: ignore[untyped-decorator]
-    def _callback(progress: float, _user_data: Any) -> bool:
-        return on_fraction(float(progress))
-
-    original = C.llama_model_default_params
-
-    def with_progress() -> Any:
-        params = original()
-        params.progress_callback = _callback
-        return params
-
-    C.llama_model_default_params = with_progress
-    try:
-        yield
-    finally:
-        C.llama_model_default_params = original
-
-
-class _StopHoldback:
-    """Streams text while holding back any tail that could still begin a stop string."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self._stops = stops
-        self._held = ""
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Returns (text safe to emit now, whether a stop string was hit)."""
-        text = self._held + piece
-        if not self._stops:
-            self._held = ""
-            return text, False
-        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            self._held = ""
-            return text[: min(hits)], True
-        keep = 0
-        for stop in self._stops:
-            for k in range(min(len(stop) - 1, len(text)), keep, -1):
-                if stop.startswith(text[-k:]):
-                    keep = k
-                    break
-        self._held = text[len(text) - keep :]
-        return text[: len(text) - keep], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
+    gpu_layers: int | None = None  # None: every layer on a GPU backend, none on cpu
+    tensor_split: tuple[float, ...] | None = None
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prefix_reuse: Reuse | None = None  # None: any prefix on the CPU, whole chunks on a GPU
 
 
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.meta: GgufMeta = read_gguf_meta(config.model_path)
-        self._llms: list[Any] = []
+        self.model: native.Model | None = None
+        self.ctx: native.Context | None = None
+        self.scheduler: Scheduler | None = None
         self._chat_format: Any = None
 
     @property
     def layers_total(self) -> int:
         return max(self.meta.layers, 1)
 
+    @property
+    def gpu_layers(self) -> int:
+        """Layers llama.cpp was asked to offload, as a count of `layers_total` (0 on cpu)."""
+        requested = self.config.gpu_layers
+        if self.config.backend == "cpu" or requested == 0:
+            return 0
+        if requested is None or requested < 0:
+            return self.layers_total
+        return min(requested, self.layers_total)
+
+    @property
+    def prefix_reuse(self) -> Reuse:
+        """Any cached prefix on the CPU backend, whose kernels give each token of a batch the
+        same result whatever else is in it; whole prompt chunks elsewhere (B47, B102)."""
+        if self.config.prefix_reuse is not None:
+            return self.config.prefix_reuse
+        return Reuse.ANY if self.config.backend == "cpu" else Reuse.CHUNKS
+
+    @property
+    def threads(self) -> int:
+        return self.config.threads or default_threads()
+
     # ------------------------------------------------------------------ loading
 
     def load(self, on_layers: Callable[[int], None], should_abort: Callable[[], bool]) -> None:
-        """Load one context per slot. Reports layers loaded; aborts when asked to.
+        """Load the model and create the context. Reports layers loaded; aborts when asked.
 
         llama.cpp reports the fraction of tensor data loaded; we report it as that fraction
         of the GGUF's block count, which is what an operator reads as "layer 12 of 30".
         """
-        from llama_cpp import Llama
-
         last = -1
 
         def on_fraction(fraction: float) -> bool:
@@ -151,60 +110,86 @@ class Engine:
                 on_layers(layers)
             return not should_abort()
 
-        n_gpu_layers = 0 if self.config.backend == "cpu" else -1
-        for slot in range(self.config.slots):
-            if should_abort():
-                raise RbeeError(ErrorCode.MODEL_LOAD_FAILED, "Loading was aborted by shutdown")
-            try:
-                with _model_load_progress(on_fraction if slot == 0 else (lambda _f: True)):
-                    llm = Llama(
-                        model_path=str(self.config.model_path),
-                        n_ctx=self.config.ctx_size,
-                        n_threads=self.config.threads,
-                        n_threads_batch=self.config.threads,
-                        n_gpu_layers=n_gpu_layers,
-                        main_gpu=self.config.device,
-                        use_mmap=True,
-                        verbose=False,
-                    )
-            except (ValueError, RuntimeError, OSError) as exc:
-                raise RbeeError(
-                    ErrorCode.MODEL_LOAD_FAILED,
-                    f"llama.cpp could not load {self.config.model_path}: {exc}",
-                    hint="Check that the file is a complete GGUF model this llama.cpp supports.",
-                    details={"path": str(self.config.model_path)},
-                ) from None
-            self._llms.append(llm)
+        cfg = self.config
+        placement = native.Placement(
+            gpu_layers=-1 if self.gpu_layers >= self.layers_total else self.gpu_layers,
+            main_gpu=cfg.device, tensor_split=cfg.tensor_split,
+        )
+        try:
+            self.model = native.Model(cfg.model_path, placement, on_fraction)
+        except native.LoadAborted:
+            raise RbeeError(ErrorCode.MODEL_LOAD_FAILED,
+                            "Loading was aborted by shutdown") from None
+        except (ValueError, OSError) as exc:
+            raise RbeeError(
+                ErrorCode.MODEL_LOAD_FAILED,
+                f"llama.cpp could not load {cfg.model_path}: {exc}",
+                hint="Check that the file is a complete GGUF model this llama.cpp supports.",
+                details={"path": str(cfg.model_path)},
+            ) from None
         if last != self.layers_total:
             on_layers(self.layers_total)
-        self._chat_format = self._make_chat_formatter(self._llms[0])
+        try:
+            self.ctx = native.Context(self.model, cfg.slots, cfg.ctx_size,
+                                      cfg.prefill_chunk + cfg.slots, self.threads)
+        except ValueError as exc:
+            raise RbeeError(
+                ErrorCode.MODEL_LOAD_FAILED,
+                f"llama.cpp could not create a context of {cfg.slots} × {cfg.ctx_size} tokens "
+                f"for {cfg.model_path.name}: {exc}",
+                hint="Lower --ctx-size or --slots.",
+            ) from None
+        self._chat_format = self._make_chat_formatter(self.model)
+        log.info("context: %d slot(s) × %d tokens, %d thread(s), prefill chunk %d, "
+                 "prefix reuse: %s", cfg.slots, self.ctx.ctx_per_seq, self.threads,
+                 cfg.prefill_chunk, self.prefix_reuse)
 
-    def _make_chat_formatter(self, llm: Any) -> Any:
+    def start(self, sink: Sink) -> None:
+        """Start the engine thread; `sink` receives its events (on that thread)."""
+        assert self.model is not None and self.ctx is not None
+        self.scheduler = Scheduler(self.model, self.ctx, self.config.prefill_chunk, sink,
+                                   self.prefix_reuse)
+        self.scheduler.start()
+
+    def _make_chat_formatter(self, model: native.Model) -> Any:
         """The model's own chat template, built the way llama-cpp-python builds it."""
-        from llama_cpp import llama_chat_format
-
-        template = llm.metadata.get("tokenizer.chat_template")
+        template = self.meta.chat_template or model.meta("tokenizer.chat_template")
         if not template:
             return None
-        eos_id, bos_id = llm.token_eos(), llm.token_bos()
+        from llama_cpp import llama_chat_format
+
         return llama_chat_format.Jinja2ChatFormatter(
             template=template,
-            eos_token=llm._model.token_get_text(eos_id) if eos_id != -1 else "",
-            bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
-            stop_token_ids=[eos_id],
+            eos_token=model.token_text(model.eos) if model.eos != -1 else "",
+            bos_token=model.token_text(model.bos) if model.bos != -1 else "",
+            stop_token_ids=[model.eos],
         )
 
     def close(self) -> None:
-        for llm in self._llms:
-            with contextlib.suppress(Exception):
-                llm.close()
-        self._llms.clear()
+        """Stop the engine thread, then free context and model (blocking)."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
+        for part in (self.ctx, self.model):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.close()
+        self.ctx = None
+        self.model = None
 
     # ------------------------------------------------------------------ prompts
 
-    def prompt_tokens(self, slot: int, request: InferenceRequest) -> list[int]:
-        """Tokenize a prompt or render chat messages with the model's template."""
-        llm = self._llms[slot]
+    def prepare(self, request: InferenceRequest) -> list[int]:
+        """Prompt tokens for a request, checked (blocking; safe beside the engine thread).
+
+        Cheap checks first: an empty prompt, a missing chat template, then a size bound
+        (no token is longer than the vocabulary's longest, so a prompt with more characters
+        than the room × that length × 2 cannot fit) before any template is rendered or
+        anything tokenized.
+        """
+        model = self.model
+        assert model is not None
+        room = self.config.ctx_size - request.max_tokens
         if request.messages is not None:
             if self._chat_format is None:
                 raise RbeeError(
@@ -212,118 +197,58 @@ class Engine:
                     f"Model {self.config.model_path.name} has no chat template",
                     hint="Send a plain 'prompt' instead of 'messages'.",
                 )
-            rendered = self._chat_format(messages=[m.model_dump() for m in request.messages])
-            tokens: list[int] = llm.tokenize(
-                rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
-            )
+            chars = sum(len(m.content) for m in request.messages)
         else:
             assert request.prompt is not None
-            tokens = llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=False)
-        if request.grammar is not None:
-            _check_grammar(llm, request.grammar)
-        room = self.config.ctx_size - request.max_tokens
+            if not request.prompt:
+                raise RbeeError(ErrorCode.INVALID_REQUEST,
+                                "Invalid request: prompt: the prompt is empty",
+                                hint="Send at least one character of prompt.")
+            chars = len(request.prompt)
+        at_least = chars // (2 * model.max_piece_bytes)
+        if at_least > room:
+            raise self._too_long(at_least, request.max_tokens, estimated=True)
+        if request.messages is not None:
+            rendered = self._render_chat(request)
+            tokens = model.tokenize(rendered.prompt, add_special=not rendered.added_special,
+                                    parse_special=True)
+        else:
+            assert request.prompt is not None
+            tokens = model.tokenize(request.prompt, add_special=True, parse_special=False)
+        if not tokens:
+            raise RbeeError(ErrorCode.INVALID_REQUEST,
+                            "Invalid request: prompt: the prompt makes no tokens")
         if len(tokens) > room:
-            raise RbeeError(
-                ErrorCode.PROMPT_TOO_LONG,
-                f"The prompt is {len(tokens)} tokens; with max_tokens {request.max_tokens} it "
-                f"does not fit the context of {self.config.ctx_size} tokens",
-                hint="Shorten the prompt, lower max_tokens, or start the worker with a larger "
-                "--ctx-size.",
-                details={
-                    "prompt_tokens": len(tokens),
-                    "max_tokens": request.max_tokens,
-                    "ctx_size": self.config.ctx_size,
-                },
-            )
+            raise self._too_long(len(tokens), request.max_tokens)
+        if request.grammar is not None:
+            check_grammar(model, request.grammar)
         return tokens
 
-    # ------------------------------------------------------------------ generation
+    def _render_chat(self, request: InferenceRequest) -> Any:
+        assert request.messages is not None
+        try:
+            return self._chat_format(messages=[m.model_dump() for m in request.messages])
+        except Exception as exc:  # the template is the model's code: it may refuse anything
+            raise RbeeError(
+                ErrorCode.INVALID_REQUEST,
+                f"The chat template of {self.config.model_path.name} refused these messages: "
+                f"{type(exc).__name__}: {exc}",
+                hint="Check the order of roles (many templates want user and assistant to "
+                "alternate, with at most one system message first).",
+            ) from None
 
-    def generate(
-        self,
-        slot: int,
-        tokens: list[int],
-        request: InferenceRequest,
-        generation: Generation,
-        emit: Emit,
-    ) -> None:
-        """Blocking: stream tokens of one request through `emit`, ending with a DoneEvent."""
-        import llama_cpp
-
-        llm = self._llms[slot]
-        vocab = llm._model.vocab
-        llm.set_seed(request.seed if request.seed is not None else secrets.randbits(32))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        holdback = _StopHoldback(request.stop)
-        index = 0
-        produced = 0
-        ttft_ms: float | None = None
-        finish: FinishReason = "length"
-
-        def send(text: str) -> None:
-            nonlocal index, ttft_ms
-            if not text:
-                return
-            if ttft_ms is None:
-                ttft_ms = (time.perf_counter() - generation.started) * 1000
-            emit(TokenEvent(token=text, index=index))
-            index += 1
-
-        for token in llm.generate(
-            tokens, temp=request.temperature, top_p=request.top_p, top_k=request.top_k,
-            min_p=request.min_p, repeat_penalty=request.repeat_penalty,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty, grammar=_grammar(request), reset=True,
-        ):
-            if generation.cancel.is_set():
-                finish = "cancelled"
-                break
-            if llama_cpp.llama_token_is_eog(vocab, token):
-                finish = "stop"
-                break
-            produced += 1
-            generation.produced = produced
-            text, hit_stop = holdback.feed(decoder.decode(llm.detokenize([token])))
-            send(text)
-            if hit_stop:
-                finish = "stop"
-                break
-            if produced >= request.max_tokens:
-                break
-        if finish != "cancelled":
-            send(holdback.flush() + decoder.decode(b"", final=True))
-        emit(
-            DoneEvent(
-                total_tokens=produced,
-                duration_ms=round((time.perf_counter() - generation.started) * 1000, 2),
-                finish_reason=finish,
-                request_id=generation.request_id,
-                prompt_tokens=len(tokens),
-                ttft_ms=round(ttft_ms, 2) if ttft_ms is not None else None,
-            )
+    def _too_long(self, tokens: int, max_tokens: int, estimated: bool = False) -> RbeeError:
+        count = f"at least {tokens}" if estimated else str(tokens)
+        return RbeeError(
+            ErrorCode.PROMPT_TOO_LONG,
+            f"The prompt is {count} tokens; with max_tokens {max_tokens} it does not fit "
+            f"the context of {self.config.ctx_size} tokens",
+            hint="Shorten the prompt, lower max_tokens, or start the worker with a larger "
+            "--ctx-size.",
+            details={"prompt_tokens": tokens, "max_tokens": max_tokens,
+                     "ctx_size": self.config.ctx_size, "estimated": estimated},
         )
 
-
-def _grammar(request: InferenceRequest) -> Any:
-    """The request's GBNF grammar for llama-cpp-python's sampler chain, or None."""
-    if request.grammar is None:
-        return None
-    from llama_cpp.llama_grammar import LlamaGrammar
-
-    return LlamaGrammar.from_string(request.grammar, verbose=False)
-
-
-def _check_grammar(llm: Any, grammar: str) -> None:
-    """Refuse a grammar llama.cpp cannot parse before the stream starts: a sampler built
-    from one is NULL, which the chain would dereference."""
-    import llama_cpp
-
-    sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode(), b"root")
-    if not sampler:
-        raise RbeeError(
-            ErrorCode.INVALID_REQUEST,
-            "The grammar is not valid GBNF (llama.cpp could not parse it)",
-            hint="Check it with llama.cpp's grammar syntax; the worker log has the parser's "
-            "message.",
-        )
-    llama_cpp.llama_sampler_free(sampler)
+    def submit(self, job: Job) -> None:
+        assert self.scheduler is not None
+        self.scheduler.submit(job)

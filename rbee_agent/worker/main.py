@@ -15,6 +15,8 @@ from pathlib import Path
 
 from rbee_agent.loop import run as run_loop
 from rbee_agent.protocol import BACKENDS, RbeeError
+from rbee_agent.worker.engine import DEFAULT_PREFILL_CHUNK
+from rbee_agent.worker.scheduler import Reuse
 
 API_KEY_ENV = "RBEE_WORKER_API_KEY"
 
@@ -34,7 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=0, type=int, help="GPU index for cuda/metal")
     p.add_argument("--ctx-size", default=2048, type=int, help="context window in tokens")
     p.add_argument("--threads", default=None, type=int, help="llama.cpp threads")
-    p.add_argument("--slots", default=1, type=int, help="requests served in parallel")
+    p.add_argument("--slots", default=1, type=int,
+                   help="requests generated at once, in one batch (one KV cache each)")
+    p.add_argument("--queue-depth", default=64, type=int,
+                   help="requests that may wait for a slot; more are refused with 503")
+    p.add_argument("--queue-timeout", default=300.0, type=float,
+                   help="seconds a request may wait in the queue")
+    p.add_argument("--gpu-layers", default=None, type=int,
+                   help="layers to put on the GPU (-1 = all, 0 = none; default: all on a "
+                   "GPU backend)")
+    p.add_argument("--tensor-split", default=None, type=_tensor_split,
+                   help="share of the model per visible GPU, e.g. 3,1 (llama.cpp's layer split)")
+    p.add_argument("--prefill-chunk", default=DEFAULT_PREFILL_CHUNK, type=int,
+                   help="prompt tokens read per step beside the running streams")
+    p.add_argument("--prefix-reuse", default=None, choices=[r.value for r in Reuse],
+                   help="cached prompt cells a new request may reuse: any prefix, or whole "
+                   "prefill chunks only (default: any on cpu, chunks on a GPU)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--drain-timeout", default=30.0, type=float,
                    help="seconds an active request may take to finish on shutdown")
@@ -44,17 +61,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tensor_split(text: str) -> tuple[float, ...]:
+    try:
+        shares = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers (e.g. 3,1)") from None
+    if any(not share >= 0 for share in shares) or not any(shares):
+        raise argparse.ArgumentTypeError(f"{text!r}: shares must be ≥ 0 and not all 0")
+    return shares
+
+
+def _check_numbers(args: argparse.Namespace) -> str | None:
+    if args.slots < 1 or args.ctx_size < 16 or not 0 < args.port < 65536:
+        return "--slots must be ≥ 1, --ctx-size ≥ 16 and --port in 1..65535"
+    if args.queue_depth < 0 or args.queue_timeout <= 0:
+        return "--queue-depth must be ≥ 0 and --queue-timeout > 0"
+    if args.gpu_layers is not None and args.gpu_layers < -1:
+        return "--gpu-layers must be -1 (all), 0 (none) or a layer count"
+    if not 16 <= args.prefill_chunk <= 4096:
+        return "--prefill-chunk must be in 16..4096"
+    return None
+
+
 def _fail(message: str) -> int:
     print(f"rbee worker: error: {message}", file=sys.stderr, flush=True)
     return 1
 
 
-def _check_backend(backend: str) -> None:
+def _check_backend(backend: str, tensor_split: tuple[float, ...] | None) -> None:
+    from rbee_agent.worker import native
+
+    if tensor_split is not None and len(tensor_split) > native.max_devices():
+        raise RbeeError(
+            "INVALID_REQUEST",
+            f"--tensor-split has {len(tensor_split)} shares; this llama.cpp handles at most "
+            f"{native.max_devices()} devices",
+        )
     if backend == "cpu":
         return
-    import llama_cpp
-
-    if not llama_cpp.llama_supports_gpu_offload():
+    if not native.supports_gpu_offload():
         raise RbeeError(
             "BACKEND_UNAVAILABLE",
             f"Backend {backend} is not available: this llama-cpp-python was built without GPU "
@@ -68,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV)
     if not api_key:
         return _fail(f"no API key: pass --api-key or set {API_KEY_ENV}")
-    if args.slots < 1 or args.ctx_size < 16 or not 0 < args.port < 65536:
-        return _fail("--slots must be ≥ 1, --ctx-size ≥ 16 and --port in 1..65535")
+    problem = _check_numbers(args)
+    if problem:
+        return _fail(problem)
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s %(levelname)s worker {args.worker_id}: %(message)s",
@@ -85,10 +132,13 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model.expanduser().resolve()
     try:
-        _check_backend(args.backend)
+        _check_backend(args.backend, args.tensor_split)
         engine = Engine(EngineConfig(
             model_path=model, backend=args.backend, device=args.device,
             ctx_size=args.ctx_size, threads=args.threads, slots=args.slots,
+            gpu_layers=args.gpu_layers, tensor_split=args.tensor_split,
+            prefill_chunk=args.prefill_chunk,
+            prefix_reuse=Reuse(args.prefix_reuse) if args.prefix_reuse else None,
         ))
     except RbeeError as err:
         return _fail(err.message)
@@ -96,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_id=args.worker_id, model_path=model, port=args.port, api_key=api_key,
         host=args.host, callback_url=args.callback_url, backend=args.backend,
         device=args.device, ctx_size=args.ctx_size, threads=args.threads, slots=args.slots,
+        queue_depth=args.queue_depth, queue_timeout_s=args.queue_timeout,
         drain_timeout_s=args.drain_timeout, max_request_bytes=args.max_request_bytes,
     )
     return run_loop(serve(settings, engine))

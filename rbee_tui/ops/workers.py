@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
 from rbee_agent.model_refs import parse_model_ref
 from rbee_agent.protocol import (
@@ -28,8 +29,12 @@ class SpawnSpec:
     node: str
     model_ref: str
     backend: str | None = "cpu"  # None: cuda when the node has it, else cpu
-    device: int = 0
+    device: int | None = None  # None: GPU placement by the agent (B126); cpu → 0
     new: bool = False  # start another even when an idle one could be handed back
+    # None: the agent's defaults (B120); gpu_layers -1 = all, "auto" = as many as fit (B129)
+    ctx_size: int | None = None
+    slots: int | None = None
+    gpu_layers: int | Literal["auto"] | None = None
 
 
 def validate_spawn(spec: SpawnSpec, config: Config) -> None:
@@ -39,9 +44,25 @@ def validate_spawn(spec: SpawnSpec, config: Config) -> None:
     if spec.backend is not None and spec.backend not in BACKENDS:
         raise RbeeError(ErrorCode.INVALID_BACKEND, f"Unknown backend {spec.backend!r}",
                         hint=f"Use one of: {', '.join(BACKENDS)}.")
-    if spec.device < 0:
+    if spec.device is not None and spec.device < 0:
         raise RbeeError(ErrorCode.DEVICE_NOT_FOUND, f"Device {spec.device} does not exist",
                         hint="Devices are numbered from 0; see rbee nodes check NODE.")
+
+
+def parse_gpu_layers(text: str) -> int | Literal["auto"] | None:
+    """'' → the agent's default, 'all' → -1, 'auto' → as many as fit, or a count (B129).
+
+    Raises ValueError for anything else."""
+    value = text.strip().lower()
+    if not value:
+        return None
+    if value == "all":
+        return -1
+    if value == "auto":
+        return "auto"
+    if value.isdigit():
+        return int(value)
+    raise ValueError(f"{text!r} is not a layer count, 'all' or 'auto'")
 
 
 async def spawn_events(client: AgentClient, spec: SpawnSpec, settings: OperatorSettings
@@ -52,8 +73,9 @@ async def spawn_events(client: AgentClient, spec: SpawnSpec, settings: OperatorS
     if backend is None:
         backend = "cuda" if "cuda" in (await client.node_info()).backends else "cpu"
     yield PhaseStarted("spawn", f"Starting a {backend} worker for {spec.model_ref}")
-    reply = await client.spawn(SpawnRequest(model_ref=spec.model_ref, backend=backend,
-                                            device=spec.device, new=spec.new))
+    reply = await client.spawn(SpawnRequest(
+        model_ref=spec.model_ref, backend=backend, device=spec.device, new=spec.new,
+        ctx_size=spec.ctx_size, slots=spec.slots, gpu_layers=spec.gpu_layers))
     worker = reply.worker
     if reply.reused:
         yield PhaseDone("spawn", f"handed back the existing {worker.state} worker {worker.id} "

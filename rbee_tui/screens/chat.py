@@ -1,31 +1,39 @@
-"""The chat pane (B72): pick node and model, type, tokens stream in as Markdown.
+"""The chat pane (B72, B160): pick node and model, type, tokens stream in as Markdown.
 
-oterm's pattern: one `Markdown.get_stream` per reply, `stop()` in `finally`, then a final
-`update(full_text)` where streaming may have rendered it wrong (`_needs_full_render`) or the
-stream did not get all of it; the full text is kept in our own history;
-the conversation scrolls only while it is anchored at the bottom. Esc cancels the running
-flow, which cancels the request on the worker. The flow itself is the orchestrator's.
+Every conversation is saved as it goes (`ChatStore`): opening the chat on a node and model
+reopens the last conversation there, ctrl+O lists them all, ctrl+N starts a new one, ctrl+S
+edits its system prompt and sampling settings. Esc stops a reply; only an Esc while nothing
+streams goes back, so a late Esc never throws away a conversation (it is saved anyway).
+
+Streaming follows oterm (lesson 7): one `Markdown.get_stream` per reply, `stop()` in
+`finally`, then a final `update(full_text)` where streaming may have rendered it wrong
+(`_needs_full_render`) or did not get all of it; the conversation scrolls only while it is
+anchored at the bottom. Until the first token the status line counts the seconds (and says
+"queued, N ahead" while the worker's queue holds the request). The flow is the
+orchestrator's; the status line is `status_line` of the event log.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.widgets import Footer, Header, Input, Label, Markdown, ProgressBar, Select
+from textual.timer import Timer
+from textual.widgets import Footer, Label, Markdown, ProgressBar, Select
 from textual.worker import Worker
 
 from rbee_agent.protocol import ChatMessage, RbeeError
-from rbee_tui.events import Attempt, Finished, PhaseDone, PhaseStarted, Progress, Token
+from rbee_tui.chat_store import ChatStore, Conversation
+from rbee_tui.events import Finished, Progress, Queued, Token
+from rbee_tui.fleet import Fleet
 from rbee_tui.orchestrator import InferenceSpec, run_inference
-from rbee_tui.screens.base import RbeeScreen
-
-if TYPE_CHECKING:
-    from rbee_tui.app import RbeeApp
+from rbee_tui.screens.base import RbeeScreen, notify_error
+from rbee_tui.widgets.chat_input import ChatInput
+from rbee_tui.widgets.event_log import status_line
+from rbee_tui.widgets.top_bar import TopBar
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -42,28 +50,65 @@ def _needs_full_render(text: str) -> bool:
 
 
 class ChatScreen(RbeeScreen[None]):
+    HELP_TITLE = "Chat"
     BINDINGS = [
         Binding("escape", "stop_or_back", "Stop/back", id="chat.stop",
-                tooltip="Stop the reply being generated; when idle, go back"),
-        Binding("ctrl+n", "new_chat", "New chat", id="chat.new",
-                tooltip="Forget the conversation and start again"),
+                tooltip="Stop the reply being generated; when nothing streams, go back "
+                        "(the conversation is saved)"),
+        Binding("ctrl+n", "new_chat", "New", id="chat.new",
+                tooltip="Start a new conversation (this one stays saved)"),
+        Binding("ctrl+o", "app.chats", "Chats", id="chat.list",
+                tooltip="Saved conversations: reopen, rename, delete, export Markdown"),
+        Binding("ctrl+s", "settings", "Settings", id="chat.settings",
+                tooltip="System prompt, max tokens, temperature, top-p, seed of this chat"),
+        Binding("ctrl+y", "copy_reply", "Copy reply", id="chat.copy",
+                tooltip="Copy the last reply to the clipboard"),
+        Binding("question_mark,f1", "app.help", "Help", show=False, id="chat.help",
+                tooltip="Every key of the chat"),
     ]
 
-    def __init__(self, node: str, model: str | None = None) -> None:
+    def __init__(self, fleet: Fleet, store: ChatStore, node: str, model: str | None = None,
+                 conversation_id: int | None = None) -> None:
         super().__init__()
+        self.fleet = fleet
+        self.store = store
         self.node = node
         self.model = model or DEFAULT_MODEL
-        self.history: list[ChatMessage] = []
+        self.conversation = self._initial(conversation_id)
         self.generating: Worker[None] | None = None
+        self._waiting_since: float | None = None
+        self._waiting_text = ""
+        self._ticker: Timer | None = None
+
+    def _initial(self, conversation_id: int | None) -> Conversation:
+        if conversation_id is not None:
+            conversation = self.store.get(conversation_id)
+            self.node, self.model = conversation.node, conversation.model
+            return conversation
+        return self.store.latest(self.node, self.model) or Conversation(0, self.node,
+                                                                         self.model)
+
+    def accept_early_key(self, character: str) -> bool:
+        """Keys typed right after `c` belong in the message (B173)."""
+        if not self.is_mounted:
+            self._early += character
+        else:
+            self.query_one(ChatInput).insert(character)
+        return True
+
+    _early = ""
 
     @property
-    def rbee(self) -> RbeeApp:
-        return self.app  # type: ignore[return-value]
+    def history(self) -> list[ChatMessage]:
+        return self.conversation.messages
+
+    def crumbs(self) -> list[str]:
+        return [self.node, "chat", self.conversation.title or "new chat"]
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield TopBar()
         with Horizontal(id="chat-pickers"):
-            yield Select([(n, n) for n in self.rbee.config.names()], value=self.node,
+            yield Select([(n, n) for n in self.fleet.names()], value=self.node,
                          allow_blank=False, id="chat-node")
             yield Select([(self.model, self.model)], value=self.model, allow_blank=False,
                          id="chat-model")
@@ -71,54 +116,109 @@ class ChatScreen(RbeeScreen[None]):
         with Horizontal(id="chat-status-bar"):
             yield Label("", id="chat-status")
             yield ProgressBar(id="chat-progress", show_eta=False)
-        yield Input(placeholder=f"Message {self.model} on {self.node}…  (enter sends)",
-                    id="chat-input")
+        yield ChatInput(placeholder=self._placeholder(), id="chat-input")
         yield Footer()
 
-    def on_mount(self) -> None:
-        self.sub_title = f"chat on {self.node}"
+    def _placeholder(self) -> str:
+        return (f"Message {self.model} on {self.node}…  "
+                "(enter sends · ctrl+j new line · f1 keys)")
+
+    async def on_mount(self) -> None:
         self.query_one("#chat-progress").display = False
         self.query_one("#conversation", VerticalScroll).anchor()
-        self.query_one("#chat-input", Input).focus()
+        box = self.query_one("#chat-input", ChatInput)
+        box.focus()
+        if self._early:
+            box.insert(self._early)
+            self._early = ""
+        await self._show_conversation()
         self.load_models()
+
+    # ------------------------------------------------------------------ conversations
+
+    async def _show_conversation(self) -> None:
+        box = self.query_one("#conversation", VerticalScroll)
+        await box.remove_children()
+        blocks: list[Markdown] = []
+        if self.conversation.system_prompt:
+            blocks.append(Markdown(f"**System:** {self.conversation.system_prompt}",
+                                   classes="system"))
+        for message in self.conversation.messages:
+            blocks.append(Markdown(message.content,
+                                   classes="user" if message.role == "user" else "assistant"))
+        await box.mount_all(blocks)
+        count = len(self.conversation.messages)
+        self._status(f"{count} messages, saved" if count else
+                     "new chat · ctrl+s: system prompt and settings · ctrl+o: saved chats")
+        self.show_crumbs()
+
+    async def switch_to(self, conversation: Conversation) -> None:
+        self.conversation = conversation
+        self.node, self.model = conversation.node, conversation.model
+        await self._show_conversation()
+
+    def _status(self, text: str) -> None:
+        self.query_one("#chat-status", Label).update(text)
 
     # ------------------------------------------------------------------ pickers
 
     @work(exclusive=True, group="chat-models", exit_on_error=False)
     async def load_models(self) -> None:
-        reply = await self.rbee.source.models(self.node)
-        options = [(m.id, m.id) for m in reply.models] or [(self.model, self.model)]
-        picker = self.query_one("#chat-model", Select)
-        picker.set_options(options)
+        reply = await self.fleet.source.models(self.node)
         ids = [m.id for m in reply.models]
-        if self.model in ids or not ids:
-            picker.value = self.model
-        else:
-            picker.value = ids[0]
+        picker = self._picker("#chat-model")
+        with picker.prevent(Select.Changed):
+            picker.set_options([(i, i) for i in ids] or [(self.model, self.model)])
+            if self.model in ids or not ids:
+                picker.value = self.model
+        if ids and self.model not in ids:
+            picker.value = ids[0]  # posts Changed: the chat follows the model
 
     @on(Select.Changed, "#chat-node")
-    def _node_changed(self, event: Select.Changed) -> None:
+    async def _node_changed(self, event: Select.Changed) -> None:
         if isinstance(event.value, str) and event.value != self.node:
+            if self._busy():
+                self._picker("#chat-node").value = self.node
+                return
             self.node = event.value
-            self.sub_title = f"chat on {self.node}"
+            await self._follow_pickers()
             self.load_models()
 
     @on(Select.Changed, "#chat-model")
-    def _model_changed(self, event: Select.Changed) -> None:
-        if isinstance(event.value, str):
+    async def _model_changed(self, event: Select.Changed) -> None:
+        if isinstance(event.value, str) and event.value != self.model:
+            if self._busy():
+                self._picker("#chat-model").value = self.model
+                return
             self.model = event.value
-            self.query_one("#chat-input", Input).placeholder = (
-                f"Message {self.model} on {self.node}…  (enter sends)")
+            await self._follow_pickers()
+
+    def _picker(self, selector: str) -> Select[str]:
+        picker: Select[str] = self.query_one(selector, Select)
+        return picker
+
+    async def _follow_pickers(self) -> None:
+        """Another node or model: reopen its last conversation, or start one."""
+        latest = self.store.latest(self.node, self.model)
+        await self.switch_to(latest or Conversation(0, self.node, self.model))
+        self.query_one(ChatInput).placeholder = self._placeholder()
+
+    def _busy(self) -> bool:
+        if self.generating is None:
+            return False
+        self.notify("A reply is streaming: Esc stops it first.", severity="warning")
+        return True
 
     # ------------------------------------------------------------------ chatting
 
-    @on(Input.Submitted, "#chat-input")
-    async def _send(self, event: Input.Submitted) -> None:
-        text = event.value.strip()
+    @on(ChatInput.Submitted)
+    async def _send(self, event: ChatInput.Submitted) -> None:
+        text = event.text.strip()
         if not text or self.generating is not None:
             return
-        event.input.value = ""
-        self.history.append(ChatMessage(role="user", content=text))
+        event.chat_input.clear()
+        self.store.add_message(self.conversation, ChatMessage(role="user", content=text))
+        self.show_crumbs()
         conversation = self.query_one("#conversation", VerticalScroll)
         await conversation.mount(Markdown(text, classes="user"))
         reply = Markdown("", classes="assistant")
@@ -126,54 +226,86 @@ class ChatScreen(RbeeScreen[None]):
         self.generating = self.run_worker(self._generate(reply), group="chat",
                                           exclusive=True, exit_on_error=False)
 
+    def spec(self) -> InferenceSpec:
+        settings = self.conversation.settings
+        messages = list(self.conversation.messages)
+        if self.conversation.system_prompt:
+            messages.insert(0, ChatMessage(role="system",
+                                           content=self.conversation.system_prompt))
+        return InferenceSpec(node=self.node, model_ref=self.model, backend=None,
+                             messages=messages, max_tokens=settings.max_tokens,
+                             temperature=settings.temperature, top_p=settings.top_p,
+                             seed=settings.seed)
+
+    def _wait(self, text: str) -> None:
+        """Until the first token: the step, and the seconds since Enter (B160)."""
+        self._waiting_text = text
+        self._tick()
+
+    def _tick(self) -> None:
+        if self._waiting_since is None:
+            return
+        elapsed = time.perf_counter() - self._waiting_since
+        self._status(f"{self._waiting_text} · {elapsed:.1f} s")
+
     async def _generate(self, reply: Markdown) -> None:
-        spec = InferenceSpec(node=self.node, model_ref=self.model, backend=None,
-                             messages=list(self.history), max_tokens=512, temperature=0.7)
-        status = self.query_one("#chat-status", Label)
+        conversation = self.conversation
         progress = self.query_one("#chat-progress", ProgressBar)
         stream = Markdown.get_stream(reply)
         parts: list[str] = []
         first: float | None = None
+        self._waiting_since = time.perf_counter()
+        self._ticker = self.set_interval(0.1, self._tick)
+        self._wait("waiting for the first token")
         try:
-            async for event in run_inference(spec, self.rbee.config,
-                                             self.rbee.source.open_client):
-                if isinstance(event, Token):
-                    if first is None:
-                        first = time.perf_counter()
-                        progress.display = False
-                    parts.append(event.text)
-                    await stream.write(event.text)
-                    elapsed = time.perf_counter() - first
-                    rate = (len(parts) - 1) / elapsed if elapsed > 0 else 0.0
-                    status.update(f"{len(parts)} tokens · {rate:.1f} tokens/s")
-                elif isinstance(event, PhaseStarted):
-                    status.update(event.message + "…")
-                elif isinstance(event, Progress):
-                    progress.display = True
-                    progress.update(total=event.total, progress=event.done)
-                    status.update(f"{event.phase}: {event.done:.0f}/{event.total:.0f} "
-                                  f"{event.unit}")
-                elif isinstance(event, Attempt) and event.error is not None:
-                    status.update(f"{event.error.message}; retrying in {event.retry_in_s:g} s")
-                elif isinstance(event, Finished):
-                    status.update(event.message)
-                elif isinstance(event, PhaseDone):
-                    pass
+            async for event in run_inference(self.spec(), self.fleet.config,
+                                             self.fleet.source.open_client):
+                match event:
+                    case Token(text=text):
+                        if first is None:
+                            first = time.perf_counter()
+                            self._stop_waiting()
+                            progress.display = False
+                        parts.append(text)
+                        await stream.write(text)
+                        elapsed = time.perf_counter() - first
+                        rate = (len(parts) - 1) / elapsed if elapsed > 0 else 0.0
+                        self._status(f"{len(parts)} tokens · {rate:.1f} tokens/s")
+                    case Progress(total=total, done=done):
+                        progress.display = True
+                        progress.update(total=total, progress=done)
+                        self._wait(status_line(event) or "")
+                    case Queued():
+                        self._wait(status_line(event) or "")
+                    case Finished(message=message):
+                        self._status(message)
+                    case _:
+                        line = status_line(event)
+                        if line and first is None:
+                            self._wait(line)
         except RbeeError as err:
-            status.update(f"[red]{err.message}[/red]")
-            self.rbee.show_error(err)
+            self._status(f"[red]{err.message}[/red]")
+            notify_error(self, err)
         except BaseException:
-            status.update(f"stopped after {len(parts)} tokens")
+            self._status(f"stopped after {len(parts)} tokens · Esc again goes back")
             raise
         finally:
+            self._stop_waiting()
             progress.display = False
             await stream.stop()
             text = "".join(parts)
             if not text or reply.source != text or _needs_full_render(text):
                 await reply.update(text or "*(no reply)*")
             if text:
-                self.history.append(ChatMessage(role="assistant", content=text))
+                self.store.add_message(conversation,
+                                       ChatMessage(role="assistant", content=text))
             self.generating = None
+
+    def _stop_waiting(self) -> None:
+        self._waiting_since = None
+        if self._ticker is not None:
+            self._ticker.stop()
+            self._ticker = None
 
     # ------------------------------------------------------------------ keys
 
@@ -184,8 +316,37 @@ class ChatScreen(RbeeScreen[None]):
         self.app.pop_screen()
 
     async def action_new_chat(self) -> None:
-        if self.generating is not None:
-            self.generating.cancel()
-        self.history.clear()
-        await self.query_one("#conversation", VerticalScroll).remove_children()
-        self.query_one("#chat-status", Label).update("new chat")
+        if self._busy():
+            return
+        await self.switch_to(Conversation(0, self.node, self.model))
+        self._status("new chat")
+
+    def action_scroll_transcript(self, pages: int) -> None:
+        box = self.query_one("#conversation", VerticalScroll)
+        if pages < 0:
+            box.scroll_page_up(animate=False)
+        else:
+            box.scroll_page_down(animate=False)
+
+    def last_reply(self) -> str | None:
+        replies = [m.content for m in self.conversation.messages if m.role == "assistant"]
+        return replies[-1] if replies else None
+
+    def action_copy_reply(self) -> None:
+        text = self.last_reply()
+        if text is None:
+            self.notify("No reply to copy yet.", severity="warning")
+            return
+        self.app.copy_to_clipboard(text)
+        self.notify(f"Copied the last reply ({len(text)} characters) to the clipboard.")
+
+    def action_settings(self) -> None:
+        from rbee_tui.screens.chat_settings import ChatSettingsScreen
+
+        async def saved(changed: bool | None) -> None:
+            if changed:
+                self.store.save_settings(self.conversation)
+                await self._show_conversation()
+                self._status("settings saved for this chat")
+
+        self.app.push_screen(ChatSettingsScreen(self.conversation), saved)

@@ -1,8 +1,9 @@
-"""Add or edit a node from the keyboard (B01, B02, B71).
+"""Add or edit a node from the keyboard (B01, B02, B71, B173).
 
-Inline validation on every field; "Test & save" runs the SSH check with each attempt shown
-live; an unknown host key shows its fingerprint and waits for the operator to trust it; the
-node is returned (and saved by the app) only when the check succeeded.
+Every field labelled, validated as you type; Enter in any field runs "Test & save": the SSH
+check with each attempt shown live in the event log. An unknown host key shows its whole
+fingerprint (wrapped, never cut) and waits for the operator to trust it. The node is
+returned (and saved by the app) only when the check succeeded; the dialog then closes.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ from pathlib import Path
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, VerticalScroll
 from textual.validation import Function, Integer, Regex, ValidationResult, Validator
-from textual.widgets import Button, Input, Label, Log
+from textual.widgets import Button, Input, Label, Static
 
 from rbee_agent.protocol import ErrorCode, RbeeError
 from rbee_tui.config import DEFAULT_INSTALL_PATH, NODE_NAME_RE, Config, Node
-from rbee_tui.events import Attempt, Finished, HostKeyUnknown, PhaseStarted
+from rbee_tui.events import Finished, HostKeyUnknown
 from rbee_tui.ops import nodes as node_ops
-from rbee_tui.screens.base import RbeeModal
+from rbee_tui.screens.base import RbeeModal, form_row
+from rbee_tui.widgets.event_log import EventLog
 
 
 class _FreeName(Validator):
@@ -38,6 +40,10 @@ def _key_exists(value: str) -> bool:
     return not value or Path(value).expanduser().is_file()
 
 
+LABELS = {"name": "Name", "host": "SSH host", "port": "SSH port", "user": "SSH user",
+          "key": "Key file", "install": "Install path", "agent-port": "Agent port"}
+
+
 class NodeFormScreen(RbeeModal[Node | None]):
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="node_form.cancel",
                         tooltip="Close without saving")]
@@ -50,46 +56,49 @@ class NodeFormScreen(RbeeModal[Node | None]):
 
     def compose(self) -> ComposeResult:
         n = self.editing
-        with Vertical(classes="dialog node-form"):
+        with VerticalScroll(classes="dialog form node-form"):
             yield Label("Edit node" if n else "Add a node", classes="question")
-            yield Input(n.name if n else "", placeholder="name (e.g. gpu1)", id="name",
-                        disabled=n is not None, validators=[
-                            Regex(NODE_NAME_RE.pattern, failure_description=(
-                                "1-32 lowercase letters, digits, - or _")),
-                            _FreeName(self.config, n.name if n else None)])
-            yield Input(n.ssh_host or "" if n else "", placeholder="SSH host", id="host",
-                        validators=[Function(lambda v: bool(v.strip()), "a host is needed")])
-            yield Input(str(n.ssh_port) if n else "22", placeholder="port", id="port",
-                        type="integer", validators=[Integer(1, 65535)])
-            yield Input(n.ssh_user or "" if n else "", placeholder="user (default: yours)",
-                        id="user")
-            yield Input(n.ssh_key or "" if n else "",
-                        placeholder="key file (default: ssh-agent / ~/.ssh keys)", id="key",
-                        validators=[Function(_key_exists, "no such key file")])
-            yield Input(n.install_path if n else DEFAULT_INSTALL_PATH,
-                        placeholder="install path on the node", id="install")
-            yield Label("", id="form-error")
-            yield Log(id="attempts", max_lines=200)
+            yield form_row(LABELS["name"], Input(
+                n.name if n else "", placeholder="e.g. gpu1", id="name",
+                disabled=n is not None, validators=[
+                    Regex(NODE_NAME_RE.pattern,
+                          failure_description="1-32 lowercase letters, digits, - or _"),
+                    _FreeName(self.config, n.name if n else None)]))
+            yield form_row(LABELS["host"], Input(
+                n.ssh_host or "" if n else "", placeholder="hostname or IP", id="host",
+                validators=[Function(lambda v: bool(v.strip()), "a host is needed")]))
+            yield form_row(LABELS["port"], Input(
+                str(n.ssh_port) if n else "22", id="port", type="integer",
+                validators=[Integer(1, 65535)]))
+            yield form_row(LABELS["user"], Input(
+                n.ssh_user or "" if n else "", placeholder="default: yours", id="user"))
+            yield form_row(LABELS["key"], Input(
+                n.ssh_key or "" if n else "", placeholder="default: ssh-agent / ~/.ssh keys",
+                id="key", validators=[Function(_key_exists, "no such key file")]))
+            yield form_row(LABELS["install"], Input(
+                n.install_path if n else DEFAULT_INSTALL_PATH, id="install"))
+            yield form_row(LABELS["agent-port"], Input(
+                str(n.agent_port) if n else "9200", id="agent-port", type="integer",
+                validators=[Integer(1, 65535)]))
+            yield Static("", id="form-error")
+            yield EventLog(id="attempts", max_lines=200)
             with Horizontal(classes="buttons"):
-                yield Button("Test & save", variant="primary", id="save")
+                yield Button("Test & save (enter)", variant="primary", id="save")
                 yield Button("Trust host key", variant="warning", id="trust")
                 yield Button("Cancel", id="cancel")
 
-    TITLES = {"name": "name", "host": "SSH host", "port": "SSH port", "user": "SSH user",
-              "key": "key file", "install": "install path"}
-
     def on_mount(self) -> None:
-        for box in self.query(Input):
-            box.border_title = self.TITLES.get(box.id or "", "")
         self.query_one("#trust").display = False
         self.query_one("#attempts").display = False
+        first = "#host" if self.editing else "#name"
+        self.query_one(first, Input).focus()
 
     @on(Input.Changed)
     def _validate_inline(self, event: Input.Changed) -> None:
         result = event.validation_result
-        error = "" if result is None or result.is_valid else "; ".join(
-            result.failure_descriptions)
-        self.query_one("#form-error", Label).update(f"[red]{error}[/red]" if error else "")
+        error = "" if result is None or result.is_valid else (
+            f"{LABELS.get(event.input.id or '', '')}: " + "; ".join(result.failure_descriptions))
+        self.query_one("#form-error", Static).update(f"[red]{error}[/red]" if error else "")
 
     @on(Button.Pressed, "#cancel")
     def _cancel(self) -> None:
@@ -108,7 +117,7 @@ class NodeFormScreen(RbeeModal[Node | None]):
         self.test_and_save()
 
     def node_from_form(self) -> Node:
-        problems = [desc for i in self.query(Input)
+        problems = [f"{LABELS.get(i.id or '', '')}: {desc}" for i in self.query(Input)
                     if (r := i.validate(i.value)) is not None and not r.is_valid
                     for desc in r.failure_descriptions]
         if problems:
@@ -121,41 +130,34 @@ class NodeFormScreen(RbeeModal[Node | None]):
             "ssh_user": values["user"] or None,
             "ssh_key": str(Path(key).expanduser()) if key else None,
             "install_path": values["install"] or DEFAULT_INSTALL_PATH,
+            "agent_port": int(values["agent-port"] or 9200),
         })
 
     @work(exclusive=True, group="node-form", exit_on_error=False)
     async def test_and_save(self) -> None:
         from rbee_tui import ssh
 
-        log = self.query_one("#attempts", Log)
-        error = self.query_one("#form-error", Label)
+        log = self.query_one("#attempts", EventLog)
+        error = self.query_one("#form-error", Static)
         try:
             node = self.node_from_form()
         except RbeeError as err:
             error.update(f"[red]{err.message}[/red]")
             return
         log.display = True
-        log.clear()
+        log.reset()
         error.update("")
         try:
             async for event in ssh.check_connection(
                 node, self.config.settings, accept_new_host_key=self.accept_host_key
             ):
-                if isinstance(event, PhaseStarted):
-                    log.write_line(event.message)
-                elif isinstance(event, Attempt):
-                    outcome = "ok" if event.error is None else event.error.message
-                    log.write_line(f"attempt {event.number}/{event.total}: {outcome}")
-                elif isinstance(event, HostKeyUnknown):
-                    log.write_line(f"unknown host key {event.key_type} {event.fingerprint}")
-                    log.write_line("Check it matches the node, then press 'Trust host key'.")
+                log.show(event)
+                if isinstance(event, HostKeyUnknown):
                     self.query_one("#trust").display = True
+                    self.query_one("#trust", Button).focus()
                 elif isinstance(event, Finished):
-                    log.write_line(event.message)
                     self.dismiss(node_ops.checked(node, event))
                     return
         except RbeeError as err:
-            log.write_line(f"✗ {err.message}")
-            if err.hint:
-                log.write_line(f"  hint: {err.hint}")
+            log.show_error(err)
             error.update(f"[red]{err.message}[/red]")

@@ -1,63 +1,139 @@
-"""The selected node's detail: RAM/CPU, each GPU (nvitop's fields), a memory sparkline."""
+"""The selected node's detail (B70, B165): CPU and RAM, each GPU nvitop-style, or for a node
+that does not answer the whole message and hint, wrapped.
+
+Per GPU: a VRAM bar split into each worker's share (then other processes, then free), the
+card's utilisation, temperature and power, each with a short history sparkline.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rich.console import Group
 from rich.text import Text
-from textual.app import ComposeResult
-from textual.containers import Vertical
-from textual.widgets import Label, Sparkline, Static
 
+from rbee_agent.protocol import GpuInfo, NodeInfo, WorkerInfo
 from rbee_tui.node_source import NodeSnapshot
+from rbee_tui.node_stats import GpuHistory, NodeStats
+from rbee_tui.widgets.graphs import spark
 from rbee_tui.widgets.tables import bar, gb
 
+SHARE_STYLES = ("magenta", "cyan", "blue", "bright_magenta", "bright_cyan", "bright_blue")
+BAR_WIDTH = 24
+SPARK_WIDTH = 6
 
-def describe(snapshot: NodeSnapshot | None) -> Group | Text:
-    if snapshot is None:
-        return Text("no node selected", style="dim")
-    if snapshot.info is None:
-        return Text.assemble((f"{snapshot.name}: down\n", "bold red"),
-                             (snapshot.reason or "no answer", "red"))
-    info = snapshot.info
+
+def worker_shares(gpu: GpuInfo, workers: Sequence[WorkerInfo]) -> list[tuple[str, int]]:
+    """(worker id, VRAM MB) of the workers that hold memory on this GPU."""
+    shares: list[tuple[str, int]] = []
+    for w in workers:
+        on_card = gpu.index in (w.devices or [w.device])
+        if w.backend != "cpu" and on_card and w.vram_mb:
+            shares.append((w.id, w.vram_mb))
+    return shares
+
+
+def vram_bar(gpu: GpuInfo, workers: Sequence[WorkerInfo], width: int = BAR_WIDTH) -> Text:
+    """Used VRAM as one bar: each worker's share in its own colour, other use, then free."""
+    total = gpu.vram_total_mb or 0
+    used = gpu.vram_used_mb or 0
+    if total <= 0:
+        return Text("░" * width, style="dim")
+    cells: list[tuple[str, str]] = []
+    shares = worker_shares(gpu, workers)
+    for i, (_, mb) in enumerate(shares):
+        cells.append(("▇" * round(mb / total * width), SHARE_STYLES[i % len(SHARE_STYLES)]))
+    other = max(0, used - sum(mb for _, mb in shares))
+    cells.append(("▇" * round(other / total * width), "green"))
+    drawn = sum(len(c) for c, _ in cells)
+    if drawn > width:  # rounding: trim the last coloured cells
+        cells = _trim(cells, width)
+        drawn = width
+    cells.append(("░" * (width - drawn), "dim"))
+    return Text.assemble(*cells)
+
+
+def _trim(cells: list[tuple[str, str]], width: int) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    left = width
+    for chars, style in cells:
+        out.append((chars[:left], style))
+        left -= len(out[-1][0])
+    return out
+
+
+def _reading(value: float | None, unit: str) -> str:
+    return "-" if value is None else f"{value:.0f}{unit}"
+
+
+def gpu_lines(gpu: GpuInfo, workers: Sequence[WorkerInfo], history: GpuHistory | None
+              ) -> list[Text]:
+    used, total = gpu.vram_used_mb or 0, gpu.vram_total_mb or 0
+    lines = [Text.assemble((f"GPU{gpu.index} ", "bold"), (gpu.name, "bold"))]
+    lines.append(Text.assemble(" VRAM ", vram_bar(gpu, workers),
+                               f" {gb(used)}/{gb(total)} GB"))
+    shares = worker_shares(gpu, workers)
+    if shares:
+        legend = Text("      ")
+        for i, (wid, mb) in enumerate(shares):
+            legend.append("▇ ", style=SHARE_STYLES[i % len(SHARE_STYLES)])
+            legend.append(f"{wid} {gb(mb)}  ")
+        other = max(0, used - sum(mb for _, mb in shares))
+        legend.append("▇ ", style="green")
+        legend.append(f"other {gb(other)}")
+        lines.append(legend)
+    readings = Text(" ")
+    for label, value, top, series in (
+        ("util", _reading(gpu.utilization_percent, "%"), 100.0,
+         history.utilization_percent if history else ()),
+        ("temp", _reading(gpu.temperature_c, "°C"), 100.0,
+         history.temperature_c if history else ()),
+        ("power", _reading(gpu.power_w, " W"),
+         max([*(history.power_w if history else ()), 1.0]),
+         history.power_w if history else ()),
+    ):
+        readings.append(f"{label} {value} ")
+        readings.append(spark(list(series), top, SPARK_WIDTH), style="cyan")
+        readings.append("  ")
+    lines.append(readings)
+    return lines
+
+
+def _node_lines(s: NodeSnapshot, info: NodeInfo, stats: NodeStats | None) -> list[Text]:
     used = info.ram_total_mb - info.ram_available_mb
-    lines: list[Text] = [
+    load = f"  load {info.load_average[0]:.2f}" if info.load_average else ""
+    lines = [
         Text.assemble((info.hostname, "bold"),
-                      (f" · {info.os.split('-')[0]} {info.arch} · {info.cpu_count} CPUs",
-                       "")),
-        Text.assemble("CPU  ", bar(info.cpu_percent, 100, 14), f" {info.cpu_percent:.0f}%"),
-        Text.assemble("RAM  ", bar(used, info.ram_total_mb, 14),
+                      f" · {info.os.split('-')[0]} {info.arch} · {info.cpu_count} CPUs"
+                      + (f" · agent {s.agent_version}" if s.agent_version else "")),
+        Text.assemble("CPU  ", bar(info.cpu_percent, 100, BAR_WIDTH),
+                      f" {info.cpu_percent:.0f}%{load}"),
+        Text.assemble("RAM  ", bar(used, info.ram_total_mb, BAR_WIDTH),
                       f" {gb(used)}/{gb(info.ram_total_mb)} GB"),
-        Text(f"disk {gb(info.disk_free_mb)} GB free · {', '.join(info.backends)}",
+        Text(f"disk {gb(info.disk_free_mb)} GB free · backends {', '.join(info.backends)}",
              style="dim"),
     ]
     for gpu in info.gpus:
-        vram_used, vram_total = gpu.vram_used_mb or 0, gpu.vram_total_mb or 0
-        extras = [f"{gpu.utilization_percent}% util" if gpu.utilization_percent is not None
-                  else "", f"{gpu.temperature_c}°C" if gpu.temperature_c is not None else "",
-                  f"{gpu.power_w:.0f} W" if gpu.power_w is not None else ""]
-        lines.append(Text(f"GPU{gpu.index} {gpu.name}", style="bold"))
-        lines.append(Text.assemble("VRAM ", bar(vram_used, vram_total, 14),
-                                   f" {gb(vram_used)}/{gb(vram_total)} GB"))
-        lines.append(Text("     " + " · ".join(e for e in extras if e), style="dim"))
+        history = stats.gpus.get(gpu.index) if stats else None
+        lines.extend(gpu_lines(gpu, s.workers, history))
     if not info.gpus:
-        lines.append(Text("no GPU: history shows RAM", style="dim"))
-    return Group(*lines)
+        lines.append(Text("no GPU on this node", style="dim"))
+    return lines
 
 
-class NodeDetail(Vertical):
-    def compose(self) -> ComposeResult:
-        yield Static(id="detail-text")
-        yield Label("memory history", id="history-label")
-        yield Sparkline([], id="history")
-
-    def show(self, snapshot: NodeSnapshot | None, history: Sequence[float]) -> None:
-        self.query_one("#detail-text", Static).update(describe(snapshot))
-        gpu = bool(snapshot and snapshot.info and snapshot.info.gpus)
-        self.query_one("#history-label", Label).update(
-            "VRAM used (GB), last minutes" if gpu else "RAM used (GB), last minutes")
-        sparkline = self.query_one("#history", Sparkline)
-        values = list(history)
-        if sparkline.data != values:
-            sparkline.data = values
+def node_text(snapshot: NodeSnapshot | None, stats: NodeStats | None = None,
+             note: str = "") -> Text:
+    """The detail pane's text; long messages and hints wrap in the pane (B163)."""
+    if snapshot is None:
+        return Text("no node selected", style="dim")
+    if snapshot.info is None:
+        text = Text.assemble((f"{snapshot.name}: ", "bold"),
+                             ("down" if snapshot.status == "down" else "not polled yet",
+                              "bold red" if snapshot.status == "down" else "dim"))
+        if snapshot.reason:
+            text.append(f"\n{snapshot.reason}", style="red")
+        if snapshot.hint:
+            text.append(f"\nhint: {snapshot.hint}", style="yellow")
+        if note:
+            text.append(f"\n→ {note}", style="bold")
+        return text
+    return Text("\n").join(_node_lines(snapshot, snapshot.info, stats))

@@ -1,12 +1,14 @@
-"""The dashboard's live tables, updated by stable key so nothing flickers (B70).
+"""The dashboard's live tables, updated by stable key so nothing flickers (B70, lesson 6).
 
 Rows are keyed by node name or worker id: stale keys are removed, changed cells updated one
 by one, new rows added; the cursor stays on the same key across refreshes (dolphie's way).
+Every table can be filtered (`/`, B168): rows whose cells do not contain the text are hidden
+until the filter is cleared.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rich.text import Text
@@ -17,6 +19,7 @@ from rbee_agent.protocol import GpuInfo, WorkerInfo
 from rbee_tui.node_source import NodeSnapshot
 
 Cell = str | Text
+Row = tuple[str, Sequence[Cell]]
 
 # Textual's DataTable keeps LRU caches of rendered cells (10,000), rows and lines (1,000 each)
 # keyed by a counter that every `update_cell` bumps, so a table updated on every poll fills
@@ -37,7 +40,9 @@ def gb(mb: float | None) -> str:
     return "-" if mb is None else f"{mb / 1024:.1f}"
 
 
-def status_cell(snapshot: NodeSnapshot) -> Text:
+def status_cell(snapshot: NodeSnapshot, activity: str | None = None) -> Text:
+    if activity:
+        return Text("◌ " + activity.split()[0], style="bold cyan")
     if snapshot.status == "up":
         return Text("● up", style="bold green")
     if snapshot.status == "down":
@@ -46,17 +51,32 @@ def status_cell(snapshot: NodeSnapshot) -> Text:
 
 
 def vram_cell(gpus: Sequence[GpuInfo]) -> Text:
+    """All GPUs of the node together (the detail pane has each one)."""
     if not gpus:
         return Text("no GPU", style="dim")
-    parts: list[Text] = []
-    for gpu in gpus:
-        used, total = gpu.vram_used_mb or 0, gpu.vram_total_mb or 0
-        parts.append(Text.assemble(bar(used, total, 4), f"{gb(used)}/{gb(total)}"))
-    return Text(" ").join(parts)
+    used = sum(g.vram_used_mb or 0 for g in gpus)
+    total = sum(g.vram_total_mb or 0 for g in gpus)
+    return Text.assemble(bar(used, total, 6), f" {gb(used)}/{gb(total)}")
+
+
+def gpu_util_cell(gpus: Sequence[GpuInfo]) -> str:
+    """'2× 65%': how many GPUs, and their mean utilisation."""
+    readings = [g.utilization_percent for g in gpus if g.utilization_percent is not None]
+    if not gpus:
+        return "-"
+    mean = f"{sum(readings) / len(readings):.0f}%" if readings else "-"
+    return f"{len(gpus)}× {mean}"
+
+
+def _text(cell: Cell) -> str:
+    return cell.plain if isinstance(cell, Text) else cell
 
 
 class KeyedTable(DataTable[Cell]):
-    """A DataTable that syncs to a list of (key, cells) rows."""
+    """A DataTable that syncs to a list of (key, cells) rows, with an optional filter."""
+
+    COLUMNS: tuple[str, ...] = ()
+    FILTERED: tuple[str, ...] = ()  # the columns `/` looks in (all when empty): words, not gauges
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -64,19 +84,65 @@ class KeyedTable(DataTable[Cell]):
             cache = getattr(self, name, None)
             if isinstance(cache, LRUCache):
                 cache.maxsize = min(cache.maxsize, size)
+        self.filter_text = ""
+        self._rows: list[Row] = []
 
-    def sync(self, rows: Sequence[tuple[str, Sequence[Cell]]]) -> None:
-        keys = [key for key, _ in rows]
+    def on_mount(self) -> None:
+        self.cursor_type = "row"
+        for column in self.COLUMNS:
+            self.add_column(column, key=column)
+
+    def matches(self, row: Row) -> bool:
+        wanted = self.filter_text.lower()
+        if not wanted:
+            return True
+        cells = [c for name, c in zip(self.COLUMNS, row[1], strict=False)
+                 if not self.FILTERED or name in self.FILTERED]
+        return any(wanted in _text(c).lower() for c in (row[0], *cells))
+
+    def set_filter(self, text: str) -> None:
+        if text != self.filter_text:
+            self.filter_text = text
+            self.sync(self._rows)
+
+    def sync(self, rows: Sequence[Row]) -> None:
+        self._rows = list(rows)
+        shown = [row for row in self._rows if self.matches(row)]
+        keys = [key for key, _ in shown]
         selected = self.selected_key()
-        for stale in [k for k in self.rows if k.value not in keys]:
-            self.remove_row(stale)
-        for key, cells in rows:
+        before = len(self.rows)
+        stale = [k for k in self.rows if k.value not in keys]
+        for row in stale:
+            self.remove_row(row)
+        for key, cells in shown:
             if key in self.rows:
                 self.update_row(key, cells)
             else:
                 self.add_row(*cells, key=key)
+        if stale or len(self.rows) != before:
+            # Rows came or went, so column widths may change once Textual measures them;
+            # a header rendered before that stays cached at its old width (drawn the same,
+            # but split differently), so the renders are dropped after the next refresh.
+            self.call_after_refresh(self._clear_caches)
+        if [k.value for k in self.rows] != keys:  # rows came back: keep the given order
+            self.clear()
+            for key, cells in shown:
+                self.add_row(*cells, key=key)
         if selected in keys:
             self.move_cursor(row=self.get_row_index(selected))
+
+    def sync_one(self, key: str, cells: Sequence[Cell]) -> bool:
+        """Update one existing row in place; False when it is not shown (then `sync`)."""
+        for i, (row_key, _) in enumerate(self._rows):
+            if row_key == key:
+                self._rows[i] = (key, cells)
+                break
+        else:
+            return False
+        if key not in self.rows or not self.matches((key, cells)):
+            return False
+        self.update_row(key, cells)
+        return True
 
     def update_row(self, key: str, cells: Sequence[Cell]) -> None:
         """Update the changed cells of an existing row (each update repaints the table)."""
@@ -93,62 +159,80 @@ class KeyedTable(DataTable[Cell]):
             return None
         return key.value
 
-
-class NodesTable(KeyedTable):
-    COLUMNS = ("NODE", "STATUS", "AGENT", "CPU", "RAM GB", "VRAM", "WORKERS", "TOK/S", "NOTE")
-
-    def on_mount(self) -> None:
-        self.cursor_type = "row"
-        self.zebra_stripes = True
-        for column in self.COLUMNS:
-            self.add_column(column, key=column)
-
-    def show(self, snapshots: Sequence[NodeSnapshot], rates: dict[str, float]) -> None:
-        self.sync([(s.name, self.cells(s, rates)) for s in snapshots])
-
-    def show_one(self, snapshot: NodeSnapshot, rates: dict[str, float]) -> bool:
-        """Update one node's row in place; False when it has no row (then use `show`)."""
-        if snapshot.name not in self.rows:
+    def select_key(self, key: str) -> bool:
+        if key not in self.rows:
             return False
-        self.update_row(snapshot.name, self.cells(snapshot, rates))
+        self.move_cursor(row=self.get_row_index(key))
         return True
 
+
+class NodesTable(KeyedTable):
+    COLUMNS = ("NODE", "STATUS", "AGENT", "CPU", "RAM GB", "VRAM GB", "GPUS", "WORKERS",
+               "TOK/S", "NOTE")
+    FILTERED = ("NODE", "STATUS", "AGENT", "NOTE")
+
+    def on_mount(self) -> None:
+        self.zebra_stripes = True
+
     @staticmethod
-    def cells(s: NodeSnapshot, rates: dict[str, float]) -> list[Cell]:
+    def cells(s: NodeSnapshot, rate: float, note: str, activity: str | None = None
+              ) -> list[Cell]:
         info = s.info
+        note_cell = Text(note, style="cyan" if activity else "red" if s.status == "down"
+                         else "yellow")
         if info is None:
-            reason = s.reason or ""
-            short = reason if len(reason) <= 40 else reason[:39] + "…"
-            return [s.name, status_cell(s), s.agent_version or "-", "-", "-", "-", "-", "-",
-                    Text(short, style="red")]
+            return [s.name, status_cell(s, activity), s.agent_version or "-", "-", "-", "-",
+                    "-", "-", "-", note_cell]
         used = info.ram_total_mb - info.ram_available_mb
+        busy = sum(1 for w in s.workers if w.state == "busy")
+        workers = f"{len(s.workers)}" + (f" · {busy} busy" if busy else "")
         return [
-            s.name, status_cell(s), s.agent_version or "-", f"{info.cpu_percent:.0f}%",
+            s.name, status_cell(s, activity), s.agent_version or "-",
+            f"{info.cpu_percent:.0f}%",
             Text.assemble(bar(used, info.ram_total_mb, 6),
                           f" {gb(used)}/{gb(info.ram_total_mb)}"),
-            vram_cell(info.gpus), str(len(s.workers)),
-            f"{rates.get(s.name, 0.0):.1f}", "",
+            vram_cell(info.gpus), gpu_util_cell(info.gpus), workers, f"{rate:.1f}", note_cell,
         ]
 
 
+STATE_STYLES = {"idle": "green", "busy": "yellow", "loading": "cyan", "failed": "red"}
+
+
+def layers_on_gpu(worker: WorkerInfo) -> str:
+    """"24/30": layers offloaded to the GPU of the model's total (B172); "-" on a CPU."""
+    if worker.backend == "cpu" or worker.gpu_layers is None:
+        return "-"
+    total, layers = worker.layers_total, worker.gpu_layers
+    if not total:
+        return "all" if layers < 0 else str(layers)
+    if layers < 0 or layers > total:  # -1 asks llama.cpp for every layer
+        layers = total
+    return f"{layers}/{total}"
+
+
+def device_of(worker: WorkerInfo) -> str:
+    if worker.backend == "cpu":
+        return "cpu"
+    devices = worker.devices or [worker.device]
+    return f"{worker.backend}:{','.join(map(str, devices))}"
+
+
 class WorkersTable(KeyedTable):
-    COLUMNS = ("ID", "MODEL", "DEVICE", "STATE", "SLOTS", "TOKENS", "RSS/VRAM MB", "IDLE")
+    COLUMNS = ("ID", "MODEL", "STATE", "TOK/S", "SLOTS FREE", "QUEUE", "DEVICE", "VRAM MB",
+               "RSS MB", "GPU LAYERS", "TOKENS", "IDLE")
+    FILTERED = ("ID", "MODEL", "STATE", "DEVICE")
 
-    def on_mount(self) -> None:
-        self.cursor_type = "row"
-        for column in self.COLUMNS:
-            self.add_column(column, key=column)
+    def show(self, workers: Sequence[WorkerInfo], rates: Mapping[str, float],
+             now: float) -> None:
+        self.sync([(w.id, self.cells(w, rates.get(w.id), now)) for w in workers])
 
-    def show(self, workers: Sequence[WorkerInfo], now: float) -> None:
-        rows: list[tuple[str, Sequence[Cell]]] = []
-        for w in workers:
-            state_style = {"idle": "green", "busy": "yellow", "loading": "cyan",
-                           "failed": "red"}.get(w.state, "dim")
-            loading = (f" {w.layers_loaded}/{w.layers_total}" if w.state == "loading" else "")
-            memory = f"{w.rss_mb or '-'}/{w.vram_mb or '-'}"
-            idle = "-" if w.active_requests else f"{max(0, now - w.last_activity):.0f}s"
-            rows.append((w.id, [w.id, w.model_id, f"{w.backend}:{w.device}",
-                                Text(w.state + loading, style=state_style),
-                                f"{w.slots_total - w.slots_available}/{w.slots_total}",
-                                str(w.tokens_served), memory, idle]))
-        self.sync(rows)
+    @staticmethod
+    def cells(w: WorkerInfo, rate: float | None, now: float) -> list[Cell]:
+        loading = f" {w.layers_loaded}/{w.layers_total}" if w.state == "loading" else ""
+        busy = w.active_requests or w.state == "busy"
+        idle = "-" if busy else f"{max(0, now - w.last_activity):.0f}s"
+        return [w.id, w.model_id, Text(w.state + loading, style=STATE_STYLES.get(w.state, "dim")),
+                "-" if rate is None else f"{rate:.1f}", f"{w.slots_available}/{w.slots_total}",
+                str(w.queued), device_of(w), "-" if w.vram_mb is None else str(w.vram_mb),
+                "-" if w.rss_mb is None else str(w.rss_mb), layers_on_gpu(w),
+                str(w.tokens_served), idle]
