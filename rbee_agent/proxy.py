@@ -38,6 +38,7 @@ from rbee_agent.protocol import (
     DoneEvent,
     ErrorCode,
     InferenceRequest,
+    InferenceResult,
     RbeeError,
     StreamErrorEvent,
     sse_frame,
@@ -49,6 +50,9 @@ log = logging.getLogger("rbee.agent")
 
 _DONE_FRAME = sse_frame(SSE_DONE)
 _DONE_MARK = b'"done":true'
+# The start of a token event's frame: counted as the relay passes it, so a node's tokens/s
+# moves while a reply streams rather than jumping when it ends (B134).
+_TOKEN_MARK = b'data: {"token"'
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 
@@ -167,7 +171,15 @@ async def send_inference(sup: Supervisor, worker: ManagedWorker, parsed: Inferen
 async def read_reply(upstream: Upstream) -> bytes:
     """The whole body of a reply that is not a token stream (an error, or `stream: false`)."""
     try:
-        return await upstream.response.read(timeout_s=upstream.wait_s)
+        payload = await upstream.response.read(timeout_s=upstream.wait_s)
+        if upstream.response.status == 200:
+            try:
+                upstream.worker.count_tokens(
+                    InferenceResult.model_validate_json(payload).total_tokens)
+            except ValidationError:
+                log.warning("worker %s sent a reply that is not an InferenceResult",
+                            upstream.worker.id)
+        return payload
     except relay.RelayError as exc:
         raise _worker_gone(upstream.worker, str(exc)) from None
     finally:
@@ -180,12 +192,20 @@ async def stream_frames(upstream: Upstream, meter: StreamMeter) -> AsyncIterator
     it with an error frame and `[DONE]`. Closing this generator closes the connection,
     which makes the worker cancel the generation."""
     worker = upstream.worker
+    counted = 0  # token frames of this stream already added to the worker's count
     try:
         async for frames in upstream.response.sse_batches():
             meter.frames(frames)
+            live = frames.count(_TOKEN_MARK)
+            worker.count_tokens(live)
+            counted += live
             yield frames
             if _DONE_MARK in frames:
-                meter.tokens(_count_tokens(worker, frames))
+                total = _total_tokens(worker, frames)
+                meter.tokens(total)
+                # A frame may carry several tokens (held back for a stop string): the
+                # stream's own total settles the count.
+                worker.count_tokens(max(0, total - counted))
     except relay.RelayError as exc:
         err = _worker_gone(worker, str(exc))
         log.warning("%s", err.message)
@@ -196,17 +216,15 @@ async def stream_frames(upstream: Upstream, meter: StreamMeter) -> AsyncIterator
         worker.end_request(upstream.started)
 
 
-def _count_tokens(worker: ManagedWorker, frames: bytes) -> int:
-    """Decode the final frame (the only one the relay parses), count its tokens, return them."""
+def _total_tokens(worker: ManagedWorker, frames: bytes) -> int:
+    """The token total of the final frame (the only frame the relay parses)."""
     for line in frames.split(b"\n"):
         if line.startswith(b"data: {") and _DONE_MARK in line:
             try:
-                tokens = DoneEvent.model_validate_json(line[6:]).total_tokens
+                return DoneEvent.model_validate_json(line[6:]).total_tokens
             except ValidationError:
                 log.warning("worker %s sent a final frame that is not a DoneEvent", worker.id)
                 return 0
-            worker.tokens_served += tokens
-            return tokens
     return 0
 
 
