@@ -146,6 +146,13 @@ class AgentSettings(BaseSettings):
     catalog_busy_timeout_s: float = Field(default=2.0, gt=0,
                                           description="wait for a locked catalog before "
                                           "answering CATALOG_BUSY")
+    # OpenAI-compatible API and metrics (B180-B193)
+    openai_default_max_tokens: int = Field(default=1024, ge=1, le=32768,
+                                           description="when a request gives none (a prompt "
+                                           "too long for it gets what the context has left)")
+    metrics_public: bool = Field(default=False,
+                                 description="GET /metrics without the key, on a loopback "
+                                 "agent only")
     # logs
     log_max_bytes: int = Field(default=5 * MiB, ge=1024)
     log_backups: int = Field(default=3, ge=0)
