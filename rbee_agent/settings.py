@@ -89,10 +89,10 @@ class AgentSettings(BaseSettings):
                                  "the model's trained context)")
     worker_threads: int | None = Field(default=None, ge=1)
     worker_slots: int = Field(default=1, ge=1)
-    worker_queue_depth: int = Field(default=8, ge=0,
+    worker_queue_depth: int = Field(default=64, ge=0,
                                     description="requests that may wait for a busy worker's "
                                     "slot; more get QUEUE_FULL without reaching it")
-    worker_queue_timeout_s: float = Field(default=30.0, gt=0,
+    worker_queue_timeout_s: float = Field(default=300.0, gt=0,
                                           description="longest wait in a worker's queue")
     ram_factor: float = Field(default=1.2, gt=0,
                               description="choosing among a repo's files before download: "
