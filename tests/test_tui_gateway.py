@@ -93,7 +93,9 @@ def text_of(screen: GatewayScreen, selector: str) -> str:
 # ---------------------------------------------------------------- B195 (scripted)
 
 
-def test_b195_snapshot_gateway_panel(snap_compare: Callable[..., bool]) -> None:
+@pytest.mark.parametrize("size", [SIZE, (80, 24)], ids=["120x36", "80x24"])
+def test_b195_snapshot_gateway_panel(snap_compare: Callable[..., bool],
+                                     size: tuple[int, int]) -> None:
     app = scripted_gateway_app()
 
     async def before(pilot: Any) -> None:
@@ -101,7 +103,7 @@ def test_b195_snapshot_gateway_panel(snap_compare: Callable[..., bool]) -> None:
         await pilot.press("o")
         await frames(app.screen)
 
-    assert snap_compare(app, terminal_size=SIZE, run_before=before)
+    assert snap_compare(app, terminal_size=size, run_before=before)
 
 
 async def test_b195_the_panel_opens_by_key_command_and_palette() -> None:

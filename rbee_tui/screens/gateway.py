@@ -20,10 +20,11 @@ from textual.widgets import Button, Footer, Static
 from rbee_agent.protocol import RbeeError
 from rbee_gateway.inprocess import RATE_WINDOW_S, GatewayControl, GatewayStatus, NodeTraffic
 from rbee_tui.screens.base import ESSENTIAL, RbeeScreen, error_text
-from rbee_tui.widgets.tables import Cell, KeyedTable, bar
+from rbee_tui.widgets.tables import Cell, KeyedTable
 from rbee_tui.widgets.top_bar import TopBar
 
 LABEL_WIDTH = 10
+SHARE_WIDTH = 10
 
 
 def masked(key: str) -> str:
@@ -39,6 +40,13 @@ def state_cell(node: NodeTraffic) -> Text:
     return Text("○ not asked yet", style="dim")
 
 
+def share_cell(share: float) -> Text:
+    """A node's part of the requests: one colour, since a big share is not a warning."""
+    filled = round(share * SHARE_WIDTH)
+    return Text.assemble(("█" * filled, "cyan"), ("░" * (SHARE_WIDTH - filled), "dim"),
+                         f" {share:.0%}")
+
+
 class GatewayNodesTable(KeyedTable):
     COLUMNS = ("NODE", "STATE", "REQUESTS", "SHARE", "IN FLIGHT", "NOTE")
     FILTERED = ("NODE", "STATE", "NOTE")
@@ -47,7 +55,7 @@ class GatewayNodesTable(KeyedTable):
     def cells(status: GatewayStatus, node: NodeTraffic) -> list[Cell]:
         share = status.share(node)
         return [node.name, state_cell(node), str(node.requests),
-                Text.assemble(bar(share, 1.0), f" {share:>4.0%}"), str(node.in_flight),
+                share_cell(share), str(node.in_flight),
                 Text(node.problem or "", style="red")]
 
 
@@ -153,7 +161,7 @@ class GatewayScreen(RbeeScreen[None]):
             yield Static(id="gateway-facts")
             yield Static(id="gateway-problem")
             with Horizontal(id="gateway-buttons"):
-                yield Button("Start", id="gateway-toggle", variant="primary")
+                yield Button("Start", id="gateway-toggle", variant="primary", compact=True)
         yield GatewayNodesTable(id="gateway-nodes")
         yield Static(id="gateway-usage")
         yield Footer()
