@@ -159,6 +159,23 @@ async def test_b196_a_taken_port_is_said_in_the_panel() -> None:
         taken.close()
 
 
+async def test_b196_a_failed_autostart_is_a_warning() -> None:
+    app, _ = make_app()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    app.config.settings.gateway_port = taken.getsockname()[1]
+    app.config.settings.gateway_autostart = True
+    notes = Notifications(app)
+    try:
+        async with app.run_test(size=SIZE):
+            said = await notes.wait_for("The gateway did not start")
+            assert "already in use" in said and "gateway_port" in said
+            assert not app.gateway.status().running
+    finally:
+        taken.close()
+
+
 def test_b195_requests_per_second_over_the_last_window() -> None:
     now = [100.0]
     meter = RateMeter(window_s=10.0, clock=lambda: now[0])
@@ -188,13 +205,13 @@ def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc
 
 
 def live_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, a: AgentProc,
-             b: AgentProc) -> RbeeApp:
+             b: AgentProc, **settings: Any) -> RbeeApp:
     """The dashboard over two real agents, its gateway on a free port, its key file in
     `tmp_path` (where `rbee serve` with this config would keep it)."""
     path = tmp_path / "rbee" / "config.toml"
     path.parent.mkdir(parents=True)
     path.write_bytes(tomli_w.dumps({
-        "settings": {**FAST, "gateway_port": free_port()},
+        "settings": {**FAST, "gateway_port": free_port(), **settings},
         "nodes": {"localhost": direct(a), "b": direct(b)}}).encode())
     monkeypatch.setenv("RBEE_CONFIG", str(path))
     config = load_config()
@@ -252,6 +269,25 @@ async def test_b196_the_toggle_starts_a_gateway_the_openai_sdk_streams_from(
         with pytest.raises(openai.APIConnectionError):
             await client.models.list()
         await client.close()
+
+
+async def test_b196_autostart_serves_from_the_first_frame_and_stops_with_the_dashboard(
+        agents: tuple[AgentProc, AgentProc], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = agents
+    app = live_app(tmp_path, monkeypatch, a, b, gateway_autostart=True)
+    port = app.config.settings.gateway_port
+    notes = Notifications(app)
+    async with app.run_test(size=SIZE):
+        await notes.wait_for(f"Gateway running on http://127.0.0.1:{port}/v1")
+        key = app.gateway.status().key
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key,
+                                    max_retries=0)
+        ids = [m.id async for m in client.models.list()]
+        assert MODEL in ids and f"{MODEL}@b" in ids
+    with pytest.raises(openai.APIConnectionError):  # the dashboard left: so did the gateway
+        await client.models.list()
+    await client.close()
 
 
 async def test_b197_any_node_chat_is_routed_and_names_the_node(
