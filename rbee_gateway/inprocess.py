@@ -199,6 +199,8 @@ class InProcessGateway:
         self._server = web_server(self._gateway, in_process=True)
         self.rate.reset()
         self._serving = asyncio.ensure_future(self._serve(self._server, sock))
+        if self._sampler is not None:  # left by a server that stopped by itself
+            self._sampler.cancel()
         self._sampler = asyncio.ensure_future(self._sample())
         log.info("gateway started on %s", base_url(settings.gateway_host, self._port))
 

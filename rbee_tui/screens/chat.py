@@ -30,7 +30,7 @@ from textual.timer import Timer
 from textual.widgets import Footer, Label, Markdown, ProgressBar, Select
 from textual.worker import Worker
 
-from rbee_agent.protocol import ChatMessage, RbeeError
+from rbee_agent.protocol import ChatMessage, ErrorCode, RbeeError
 from rbee_gateway.any_node import ANY_NODE, RoutedTo, routed_inference
 from rbee_gateway.routing import Fleet as RoutingFleet
 from rbee_tui.chat_store import ChatStore, Conversation
@@ -140,7 +140,7 @@ class ChatScreen(RbeeScreen[None]):
 
     def _routing(self) -> RoutingFleet:
         if self.router is None:
-            raise RbeeError("INVALID_REQUEST", "This dashboard has no gateway routing",
+            raise RbeeError(ErrorCode.INVALID_REQUEST, "This chat has no gateway routing",
                             hint="Pick a node in the chat's node list.")
         return self.router()
 

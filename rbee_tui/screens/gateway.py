@@ -51,6 +51,9 @@ class GatewayNodesTable(KeyedTable):
     COLUMNS = ("NODE", "STATE", "REQUESTS", "SHARE", "IN FLIGHT", "NOTE")
     FILTERED = ("NODE", "STATE", "NOTE")
 
+    def on_mount(self) -> None:  # after KeyedTable's (Textual calls each class's handler)
+        self.show_cursor = False  # nothing to do with a row: a cursor would hide its bar
+
     @staticmethod
     def cells(status: GatewayStatus, node: NodeTraffic) -> list[Cell]:
         share = status.share(node)
