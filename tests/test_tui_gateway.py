@@ -324,6 +324,7 @@ async def test_b197_a_node_that_does_not_answer_is_skipped_before_the_first_toke
     """The routing put `b` first (warm worker); `b` stops answering; the reply comes from
     localhost, and `b` is down for the next request."""
     a, b = agents
+    stop_workers(a)
     if not any(w["state"] == "idle" for w in b.get("/v1/workers").json()["workers"]):
         b.wait_state(b.spawn()["id"], "idle")
     app = live_app(tmp_path, monkeypatch, a, b)
