@@ -114,6 +114,17 @@ class GatewayMetrics(StreamMetrics):
                               ["node", "status"], registry=self.registry)
         self.registry.register(FleetCollector(fleet))
 
+    def routed_by_node(self) -> dict[str, int]:
+        """Requests relayed to each node so far, whatever their status (the dashboard's
+        share per node, B195)."""
+        counts: dict[str, int] = {}
+        for family in self.routed.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    node = sample.labels["node"]
+                    counts[node] = counts.get(node, 0) + int(sample.value)
+        return counts
+
 
 # --------------------------------------------------------------------------- relaying
 

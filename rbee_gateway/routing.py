@@ -163,6 +163,17 @@ class Fleet:
                  and now - s.fetched_at >= self.settings.gateway_state_ttl_s]
         await asyncio.gather(*(self.refresh(name) for name in stale))
 
+    def follow_registry(self) -> None:
+        """Route to the nodes registered now: the dashboard adds and removes nodes while its
+        routing (the "any node" chat, the gateway toggle) keeps running."""
+        names = self.config.names()
+        for name in names:
+            self.states.setdefault(name, NodeState(name))
+        for name in [n for n in self.states if n not in names]:
+            state = self.states.pop(name)
+            if state.client is not None:
+                self._close_later(state.client)
+
     def mark_down(self, name: str, why: str) -> None:
         state = self.states[name]
         if state.up is not False:
@@ -171,9 +182,12 @@ class Fleet:
         self.links.suspect(name)
         if state.client is not None:
             client, state.client = state.client, None
-            closing = asyncio.ensure_future(client.aclose())
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+            self._close_later(client)
+
+    def _close_later(self, client: AgentClient) -> None:
+        closing = asyncio.ensure_future(client.aclose())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     async def heal(self) -> None:
         """Forever: ask the nodes that are down whether they are back."""

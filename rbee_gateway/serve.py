@@ -9,7 +9,6 @@ needs them.
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,45 +32,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     serve.set_defaults(handler="serve")
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """The listening socket, made before anything starts so a taken port is one clear error
-    (naming its owner when the system shows it)."""
-    from rbee_agent.protocol import RbeeError
-    from rbee_agent.startup import bind_listener
-
-    try:
-        return bind_listener(host, port)
-    except RbeeError as err:
-        err.hint = "Pick another port with --port, or stop what uses this one."
-        raise
-
-
 async def serve(args: argparse.Namespace, config: Config, links: NodeLinks) -> int:
-    from rbee_agent.protocol import ErrorCode, RbeeError
+    from rbee_gateway.server import require_web_server
 
-    try:
-        import uvicorn
-
-        from rbee_agent.metrics import is_loopback
-        from rbee_gateway.app import Gateway, create_gateway_app
-    except ImportError as exc:
-        raise RbeeError(ErrorCode.INVALID_CONFIG,
-                        f"rbee serve needs the gateway's web server ({exc.name} is missing)",
-                        hint="Install it with: pip install 'rbee[gateway]'") from None
+    require_web_server()
+    from rbee_agent.metrics import is_loopback
+    from rbee_gateway.app import Gateway
     from rbee_gateway.keys import load_or_create_key
     from rbee_gateway.routing import Fleet
+    from rbee_gateway.server import base_url, listen, web_server
 
     settings = config.settings
     host = args.host or settings.gateway_host
     port = args.port or settings.gateway_port
-    if not 1 <= port <= 65535:
-        raise RbeeError(ErrorCode.INVALID_REQUEST, f"--port {port} is not a port",
-                        hint="Use 1-65535, e.g. --port 8080.")
     key, key_path = load_or_create_key(args.api_key_file)
-    sock = _bind(host, port)
+    sock = listen(host, port, "Pick another port with --port, or stop what uses this one.")
     gateway = Gateway(Fleet(config, links), key, host)
-    shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{sock.getsockname()[1]}/v1"
+    url = base_url(host, sock.getsockname()[1])
     print(f"rbee gateway: {url}", flush=True)
     print(f"API key: {key}", flush=True)
     err = sys.stderr
@@ -81,8 +58,5 @@ async def serve(args: argparse.Namespace, config: Config, links: NodeLinks) -> i
         print(f"  warning: listening on {host}: anyone who can reach this port and has the "
               "key can use every node; traffic is not encrypted", file=err)
     print("  Ctrl+C stops it", file=err, flush=True)
-    server = uvicorn.Server(uvicorn.Config(
-        create_gateway_app(gateway), log_level="warning", access_log=False,
-        loop="none", http="httptools", lifespan="on"))
-    await server.serve(sockets=[sock])
+    await web_server(gateway).serve(sockets=[sock])
     return EXIT_OK

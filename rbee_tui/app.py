@@ -37,6 +37,8 @@ from rbee_tui.themes import load_themes, user_dir
 if TYPE_CHECKING:
     from textual.command import Provider
 
+    from rbee_gateway.inprocess import GatewayControl
+    from rbee_gateway.routing import Fleet as RoutingFleet
     from rbee_tui.chat_store import ChatStore
 
 
@@ -58,12 +60,16 @@ class RbeeApp(App[None]):
                 tooltip="Command mode: :nodes, :models, :logs, :chat NODE, :chats, :quit"),
         Binding("ctrl+p", "command_palette", "Palette", show=False, id="app.palette",
                 tooltip="Nodes, models, actions and themes"),
+        Binding("o", "gateway", "Gateway", show=False, id="app.gateway",
+                tooltip="The OpenAI gateway for every node: URL, key, traffic, start/stop"),
     ]
 
     def __init__(self, config: Config, source: NodeSource, links: NodeLinks | None = None,
                  poll: bool = True, save_theme: bool = True,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 gateway: GatewayControl | None = None) -> None:
         super().__init__()
+        self._gateway = gateway
         self.config = config
         self.source = source
         self.links = links
@@ -98,6 +104,9 @@ class RbeeApp(App[None]):
         if self.poll_enabled:
             for name in self.config.names():
                 self.start_polling(name)
+        if self.config.settings.gateway_autostart:
+            self.run_worker(self._autostart_gateway(), group="gateway-toggle",
+                            exit_on_error=False, name="gateway autostart")
 
     def _freeze_startup_objects(self) -> None:
         """After start-up, take what it built out of the cyclic GC's scans.
@@ -255,6 +264,8 @@ class RbeeApp(App[None]):
                 self.open_chat(node, command.arg)
             case "chats":
                 self.action_chats()
+            case "gateway":
+                self.action_gateway()
             case "add":
                 self.action_add_node()
             case "theme":
@@ -288,7 +299,8 @@ class RbeeApp(App[None]):
 
         if isinstance(self.screen, ChatScreen):
             self.pop_screen()
-        self.push_screen(ChatScreen(self.fleet, self.chats, node, model, conversation_id))
+        self.push_screen(ChatScreen(self.fleet, self.chats, node, model, conversation_id,
+                                    router=self.router))
 
     def action_chats(self) -> None:
         from rbee_tui.screens.chat_list import ChatListScreen
@@ -310,6 +322,39 @@ class RbeeApp(App[None]):
         from rbee_tui.screens.logs import LogsScreen
 
         self.push_screen(LogsScreen(self.fleet, node))
+
+    # ------------------------------------------------------------------ gateway (B195)
+
+    @property
+    def gateway(self) -> GatewayControl:
+        """The OpenAI gateway of this dashboard, stopped until asked (or autostarted)."""
+        if self._gateway is None:
+            from rbee_gateway.inprocess import InProcessGateway
+
+            if self.links is None:
+                self.links = NodeLinks(self.config)
+            self._gateway = InProcessGateway(self.config, self.links)
+        return self._gateway
+
+    def router(self) -> RoutingFleet:
+        """The gateway's routing, for the "any node" chat (B197)."""
+        return self.gateway.router()
+
+    def action_gateway(self) -> None:
+        from rbee_tui.screens.gateway import GatewayScreen
+
+        if not isinstance(self.screen, GatewayScreen):
+            self.push_screen(GatewayScreen(self.gateway))
+
+    async def _autostart_gateway(self) -> None:
+        try:
+            await self.gateway.start()
+        except RbeeError as err:
+            self.notify(f"The gateway did not start: {err.message}\n{err.hint or ''}",
+                        title="Gateway", severity="warning", timeout=12)
+            return
+        self.notify(f"Gateway running on {self.gateway.status().url} (o: its key and "
+                    "traffic)", title="Gateway")
 
     # ------------------------------------------------------------------ node setup (B71)
 
@@ -423,6 +468,8 @@ class RbeeApp(App[None]):
         gc.unfreeze()
         if self._chats is not None:
             self._chats.close()
+        if self._gateway is not None:
+            await self._gateway.aclose()
         close = getattr(self.source, "aclose", None)
         if close is not None:
             await close()

@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[tuple[str, ...], bool, str]] = {
     "logs": (("log", "lo"), True, "a node's agent and worker logs"),
     "chat": (("ch",), True, "chat on a node (:chat NODE [MODEL])"),
     "chats": (("conversations",), False, "saved conversations"),
+    "gateway": (("gw", "serve"), False, "the OpenAI gateway: URL, key, traffic, start/stop"),
     "add": (("new",), False, "add a node"),
     "theme": ((), False, "switch theme (:theme NAME)"),
     "help": (("h", "?"), False, "every key"),

@@ -87,6 +87,9 @@ class OperatorSettings(BaseModel):
     # is asked whether it is back
     gateway_refresh_timeout_s: float = Field(default=5.0, gt=0)
     gateway_metrics_public: bool = False  # /metrics without the key, on loopback only
+    # The dashboard starts the gateway when it opens (B196); off: a port opened only when
+    # asked, and a second dashboard or a running `rbee serve` never collides on it.
+    gateway_autostart: bool = False
 
     @model_validator(mode="before")
     @classmethod

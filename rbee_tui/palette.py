@@ -13,6 +13,7 @@ class RbeeCommands(Provider):
     """Command palette (B76): nodes, models and actions."""
 
     def _entries(self) -> list[tuple[str, str, Callable[[], object]]]:
+        from rbee_gateway.any_node import ANY_NODE
         from rbee_tui.app import RbeeApp
 
         app = self.app
@@ -31,6 +32,10 @@ class RbeeCommands(Provider):
             ("Add node", "add a node over SSH", app.action_add_node),
             ("Saved chats", "reopen, rename, delete or export a conversation",
              app.action_chats),
+            ("Gateway", "the OpenAI endpoint for every node: URL, key, traffic, start/stop",
+             app.action_gateway),
+            ("Chat on any node", "the gateway's routing picks the node",
+             partial(app.open_chat, ANY_NODE)),
             ("Help", "all keys", app.action_help),
         ):
             entries.append((label, help_text, action))

@@ -2,8 +2,8 @@
 
 Runs the real dashboard against a real local agent with the bundled model, in an isolated
 config (nothing of yours is touched), drives it with Textual's Pilot and saves one SVG per
-screen: dashboard, chat mid-stream, saved chats, models, logs, help, node form and install
-log. The
+screen: dashboard, chat mid-stream, saved chats, models, logs, help, node form, install
+log, and the gateway panel with real requests through the openai SDK. The
 install log comes from a real install attempt over SSH when `RBEE_SCREENSHOT_SSH` names a
 node (`user@host:port`); otherwise it shows a real failing install against a closed port,
 which is what an operator sees when a node is unreachable.
@@ -136,6 +136,7 @@ async def shoot(home: Path) -> None:
 
     config = load_config()
     config.nodes["gpu-lab"] = await lab_node(home)  # type: ignore[assignment]
+    config.settings.gateway_port = free_port()  # 8080 may be someone's
     save_config(config)
     links = NodeLinks(config)
     app = RbeeApp(config, LiveNodeSource(config, links), links, save_theme=False)
@@ -214,13 +215,33 @@ async def shoot(home: Path) -> None:
         await pilot.press("ctrl+o")
         await settled()
         save("chats")
-        await pilot.press("escape", "escape")
+        await pilot.press("escape", "escape", "o", "s")
+        await settled("gateway-toggle")
+        await gateway_traffic(app.gateway.status())
+        app.screen.show_status()  # type: ignore[attr-defined]
+        await settled()
+        save("gateway")
+        await pilot.press("s")
+        await settled("gateway-toggle")
+        await pilot.press("escape")
         from rbee_tui import ssh
 
         node = app.config.nodes.get("gpu-lab")
         if node is not None and node.api_key:
             async for _ in ssh.stop_agent(node, app.config.settings):
                 pass
+
+
+async def gateway_traffic(status: object) -> None:
+    """A few real requests through the dashboard's gateway, as any OpenAI client sends them."""
+    import openai
+
+    url, key = status.url, status.key  # type: ignore[attr-defined]
+    async with openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0) as client:
+        for _ in range(3):
+            await client.chat.completions.create(
+                model="smollm2-135m", max_tokens=8,
+                messages=[{"role": "user", "content": "Say hello."}])
 
 
 def main() -> int:

@@ -11,11 +11,16 @@ Streaming follows oterm (lesson 7): one `Markdown.get_stream` per reply, `stop()
 anchored at the bottom. Until the first token the status line counts the seconds (and says
 "queued, N ahead" while the worker's queue holds the request). The flow is the
 orchestrator's; the status line is `status_line` of the event log.
+
+"any node" (B197) is a target beside the nodes: the gateway's routing (`router`) picks the
+node for each reply, the model list is every reachable node's, and the status line names
+the node that answered.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Callable
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -25,9 +30,11 @@ from textual.timer import Timer
 from textual.widgets import Footer, Label, Markdown, ProgressBar, Select
 from textual.worker import Worker
 
-from rbee_agent.protocol import ChatMessage, RbeeError
+from rbee_agent.protocol import ChatMessage, ErrorCode, RbeeError
+from rbee_gateway.any_node import ANY_NODE, RoutedTo, routed_inference
+from rbee_gateway.routing import Fleet as RoutingFleet
 from rbee_tui.chat_store import ChatStore, Conversation
-from rbee_tui.events import Finished, Progress, Queued, Token
+from rbee_tui.events import Event, Finished, Progress, Queued, Token
 from rbee_tui.fleet import Fleet
 from rbee_tui.orchestrator import InferenceSpec, run_inference
 from rbee_tui.screens.base import RbeeScreen, notify_error
@@ -68,9 +75,12 @@ class ChatScreen(RbeeScreen[None]):
     ]
 
     def __init__(self, fleet: Fleet, store: ChatStore, node: str, model: str | None = None,
-                 conversation_id: int | None = None) -> None:
+                 conversation_id: int | None = None,
+                 router: Callable[[], RoutingFleet] | None = None) -> None:
         super().__init__()
         self.fleet = fleet
+        self.router = router
+        self.answered_by: str | None = None  # "any node": the node of the last reply
         self.store = store
         self.node = node
         self.model = model or DEFAULT_MODEL
@@ -108,8 +118,7 @@ class ChatScreen(RbeeScreen[None]):
     def compose(self) -> ComposeResult:
         yield TopBar()
         with Horizontal(id="chat-pickers"):
-            yield Select([(n, n) for n in self.fleet.names()], value=self.node,
-                         allow_blank=False, id="chat-node")
+            yield Select(self._targets(), value=self.node, allow_blank=False, id="chat-node")
             yield Select([(self.model, self.model)], value=self.model, allow_blank=False,
                          id="chat-model")
         yield VerticalScroll(id="conversation")
@@ -118,6 +127,22 @@ class ChatScreen(RbeeScreen[None]):
             yield ProgressBar(id="chat-progress", show_eta=False)
         yield ChatInput(placeholder=self._placeholder(), id="chat-input")
         yield Footer()
+
+    def _targets(self) -> list[tuple[str, str]]:
+        targets = [(n, n) for n in self.fleet.names()]
+        if self.router is not None or self.node == ANY_NODE:
+            targets.append((f"{ANY_NODE} (routed like the gateway)", ANY_NODE))
+        return targets
+
+    @property
+    def any_node(self) -> bool:
+        return self.node == ANY_NODE
+
+    def _routing(self) -> RoutingFleet:
+        if self.router is None:
+            raise RbeeError(ErrorCode.INVALID_REQUEST, "This chat has no gateway routing",
+                            hint="Pick a node in the chat's node list.")
+        return self.router()
 
     def _placeholder(self) -> str:
         return (f"Message {self.model} on {self.node}…  "
@@ -164,8 +189,13 @@ class ChatScreen(RbeeScreen[None]):
 
     @work(exclusive=True, group="chat-models", exit_on_error=False)
     async def load_models(self) -> None:
-        reply = await self.fleet.source.models(self.node)
-        ids = [m.id for m in reply.models]
+        if self.any_node:  # every model of every reachable node
+            routing = self._routing()
+            await routing.refresh_stale()
+            ids = [entry.id for entry, _ in routing.models()]
+        else:
+            reply = await self.fleet.source.models(self.node)
+            ids = [m.id for m in reply.models]
         picker = self._picker("#chat-model")
         with picker.prevent(Select.Changed):
             picker.set_options([(i, i) for i in ids] or [(self.model, self.model)])
@@ -246,7 +276,18 @@ class ChatScreen(RbeeScreen[None]):
         if self._waiting_since is None:
             return
         elapsed = time.perf_counter() - self._waiting_since
-        self._status(f"{self._waiting_text} · {elapsed:.1f} s")
+        self._status(self._named(f"{self._waiting_text} · {elapsed:.1f} s"))
+
+    def _events(self) -> AsyncIterator[Event | RoutedTo]:
+        spec, config = self.spec(), self.fleet.config
+        if self.any_node:
+            return routed_inference(self._routing(), spec, config,
+                                    self.fleet.source.open_client)
+        return run_inference(spec, config, self.fleet.source.open_client)
+
+    def _named(self, text: str) -> str:
+        """The status line, led by the node that answers when the chat is routed."""
+        return f"{self.answered_by} · {text}" if self.any_node and self.answered_by else text
 
     async def _generate(self, reply: Markdown) -> None:
         conversation = self.conversation
@@ -254,13 +295,16 @@ class ChatScreen(RbeeScreen[None]):
         stream = Markdown.get_stream(reply)
         parts: list[str] = []
         first: float | None = None
+        self.answered_by = None
         self._waiting_since = time.perf_counter()
         self._ticker = self.set_interval(0.1, self._tick)
         self._wait("waiting for the first token")
         try:
-            async for event in run_inference(self.spec(), self.fleet.config,
-                                             self.fleet.source.open_client):
+            async for event in self._events():
                 match event:
+                    case RoutedTo(node=node):
+                        self.answered_by = node
+                        self._wait(f"routed to {node}")
                     case Token(text=text):
                         if first is None:
                             first = time.perf_counter()
@@ -270,7 +314,7 @@ class ChatScreen(RbeeScreen[None]):
                         await stream.write(text)
                         elapsed = time.perf_counter() - first
                         rate = (len(parts) - 1) / elapsed if elapsed > 0 else 0.0
-                        self._status(f"{len(parts)} tokens · {rate:.1f} tokens/s")
+                        self._status(self._named(f"{len(parts)} tokens · {rate:.1f} tokens/s"))
                     case Progress(total=total, done=done):
                         progress.display = True
                         progress.update(total=total, progress=done)
@@ -278,7 +322,7 @@ class ChatScreen(RbeeScreen[None]):
                     case Queued():
                         self._wait(status_line(event) or "")
                     case Finished(message=message):
-                        self._status(message)
+                        self._status(self._named(message))
                     case _:
                         line = status_line(event)
                         if line and first is None:
