@@ -317,52 +317,57 @@ async def _read(upstream: relay.UpstreamResponse) -> bytes:
 # --------------------------------------------------------------------------- app
 
 
-def create_gateway_app(gateway: Gateway) -> Starlette:
-    fleet = gateway.fleet
+class _Routes:
+    """The gateway's handlers, each a method over one `Gateway` (no module state)."""
 
-    async def guarded(request: Request, work: Any) -> Response:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def _guarded(self, request: Request, work: Any) -> Response:
         try:
-            gateway.check_key(request)
+            self.gateway.check_key(request)
             result = await work()
             return result if isinstance(result, Response) else JSONResponse(result)
         except RbeeError as err:
             return error_response(err)
 
-    async def chat(request: Request) -> Response:
-        return await guarded(request, lambda: gateway.forward(request, "/chat/completions"))
+    async def chat(self, request: Request) -> Response:
+        return await self._guarded(
+            request, lambda: self.gateway.forward(request, "/chat/completions"))
 
-    async def completions(request: Request) -> Response:
-        return await guarded(request, lambda: gateway.forward(request, "/completions"))
+    async def completions(self, request: Request) -> Response:
+        return await self._guarded(request, lambda: self.gateway.forward(request, "/completions"))
 
-    async def models(request: Request) -> Response:
-        return await guarded(request, gateway.model_list)
+    async def models(self, request: Request) -> Response:
+        return await self._guarded(request, self.gateway.model_list)
 
-    async def model(request: Request) -> Response:
+    async def model(self, request: Request) -> Response:
         async def one() -> dict[str, Any]:
             wanted = request.path_params["model"]
-            for item in (await gateway.model_list())["data"]:
+            for item in (await self.gateway.model_list())["data"]:
                 if item["id"] == wanted:
                     return dict(item)
             raise RbeeError(ErrorCode.MODEL_NOT_FOUND,
                             f"No reachable node has the model '{wanted}'",
                             hint="GET /v1/models lists them", details={"param": "model"})
 
-        return await guarded(request, one)
+        return await self._guarded(request, one)
 
-    async def metrics(request: Request) -> Response:
-        if not gateway.metrics_public:
+    async def metrics(self, request: Request) -> Response:
+        if not self.gateway.metrics_public:
             try:
-                gateway.check_key(request)
+                self.gateway.check_key(request)
             except RbeeError as err:
                 return error_response(err)
-        text = await asyncio.to_thread(gateway.metrics.render)
+        text = await asyncio.to_thread(self.gateway.metrics.render)
         return Response(text, media_type=CONTENT_TYPE)
 
-    async def health(_: Request) -> Response:
-        up = sorted(s.name for s in fleet.states.values() if s.up)
-        return JSONResponse({"status": "ok", "nodes": len(fleet.states), "nodes_up": up})
+    async def health(self, _: Request) -> Response:
+        states = self.gateway.fleet.states.values()
+        up = sorted(s.name for s in states if s.up)
+        return JSONResponse({"status": "ok", "nodes": len(states), "nodes_up": up})
 
-    async def not_found(request: Request, exc: Exception) -> Response:
+    async def not_found(self, request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         code = ErrorCode.METHOD_NOT_ALLOWED if status == 405 else ErrorCode.NOT_FOUND
         return error_response(RbeeError(
@@ -371,7 +376,9 @@ def create_gateway_app(gateway: Gateway) -> Starlette:
             "GET /v1/models"))
 
     @asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+    async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        """The fleet's first refresh and its healer run while the app does."""
+        fleet = self.gateway.fleet
         first = asyncio.ensure_future(fleet.refresh_stale())
         healer = asyncio.ensure_future(fleet.heal())
         try:
@@ -382,13 +389,17 @@ def create_gateway_app(gateway: Gateway) -> Starlette:
             await asyncio.gather(first, healer, return_exceptions=True)
             await fleet.aclose()
 
+
+def create_gateway_app(gateway: Gateway) -> Starlette:
+    routes = _Routes(gateway)
     app = Starlette(routes=[
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{model:path}", model, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-    ], exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
+        Route("/v1/chat/completions", routes.chat, methods=["POST"]),
+        Route("/v1/completions", routes.completions, methods=["POST"]),
+        Route("/v1/models", routes.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", routes.model, methods=["GET"]),
+        Route("/metrics", routes.metrics, methods=["GET"]),
+        Route("/health", routes.health, methods=["GET"]),
+    ], exception_handlers={404: routes.not_found, 405: routes.not_found},
+        lifespan=routes.lifespan)
     app.add_middleware(RequestCounter, metrics=gateway.metrics, route_of=route_template)
     return app
