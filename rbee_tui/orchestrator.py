@@ -192,66 +192,87 @@ def _no_template(err: RbeeError) -> bool:
     return err.code == ErrorCode.INVALID_REQUEST and "chat template" in err.message
 
 
+@dataclass
+class _Reply:
+    """One inference across its attempts: what has arrived and when."""
+
+    worker: WorkerInfo
+    spec: InferenceSpec
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    parts: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    attempt: int = 1
+
+    def event(self, frame: StreamEvent) -> Event:
+        """A worker's frame as the flow's event; an error frame raises."""
+        if isinstance(frame, TokenEvent):
+            if self.first_token is None:
+                self.first_token = time.perf_counter()
+            self.parts.append(frame.token)
+            return Token(frame.token, frame.index)
+        if isinstance(frame, QueuedEvent):
+            return Queued(frame.queued)
+        if isinstance(frame, DoneEvent):
+            return _finished(frame, self.parts, self.started, self.first_token, self.worker,
+                             self.spec, self.request_id)
+        raise RbeeError.from_body(ErrorBody(error=frame.error))
+
+
 async def _stream(
     client: AgentClient, worker: WorkerInfo, spec: InferenceSpec, settings: OperatorSettings
 ) -> AsyncIterator[Event]:
     yield PhaseStarted("inference", f"Generating on worker {worker.id}")
-    request_id = uuid.uuid4().hex
-    parts: list[str] = []
-    started = time.perf_counter()
-    first_token: float | None = None
-    retry = settings.queue_full_retry
-    attempt = 1
+    reply = _Reply(worker, spec)
     while True:
-        stream = client.inference(worker.id, _request(spec, request_id), request_id)
+        stream = client.inference(worker.id, _request(spec, reply.request_id), reply.request_id)
         try:
             async for data in _with_stall_timeout(stream, settings.token_stall_s):
-                event = _parse(data)
-                if isinstance(event, TokenEvent):
-                    if first_token is None:
-                        first_token = time.perf_counter()
-                    parts.append(event.token)
-                    yield Token(event.token, event.index)
-                elif isinstance(event, QueuedEvent):
-                    yield Queued(event.queued)
-                elif isinstance(event, DoneEvent):
-                    yield _finished(event, parts, started, first_token, worker, spec,
-                                    request_id)
+                event = reply.event(_parse(data))
+                yield event
+                if isinstance(event, Finished):
                     return
-                else:
-                    raise RbeeError.from_body(ErrorBody(error=event.error))
             return
         except RbeeError as err:
-            if err.hint:
-                err.hint = localize_hint(err.hint, spec.node)
-            if not parts and spec.plain_fallback is not None and _no_template(err):
-                yield Note("inference", "the model has no chat template: sending the prompt "
-                                        "as a plain completion")
-                spec.prompt, spec.messages, spec.plain_fallback = spec.plain_fallback, None, None
-                continue
-            if err.code in BUSY_CODES and not parts:
-                wait = retry.wait_after(attempt)
-                if wait is not None:
-                    wait = float(err.details.get("retry_after_s") or wait)
-                    yield Attempt("inference", attempt, retry.attempts, err, retry_in_s=wait)
-                    attempt += 1
-                    await asyncio.sleep(wait)
-                    continue
-                err.hint = (f"Worker {worker.id} stayed busy. Try again later, spawn another "
-                            "worker (rbee workers spawn --new), or start workers with more "
-                            "slots.")
-                raise err from None
-            if err.code == ErrorCode.STREAM_STALLED:
-                await _cancel_quietly(client, worker.id, request_id)
-            if parts and err.code in (ErrorCode.WORKER_CRASHED, ErrorCode.STREAM_INTERRUPTED,
-                                      ErrorCode.STREAM_STALLED):
-                raise _interrupted(err, parts, spec, request_id, worker) from None
-            raise
+            again, wait_s = await _recover(err, reply, client, settings)
+            yield again
+            if wait_s:
+                await asyncio.sleep(wait_s)
         except asyncio.CancelledError:
-            await asyncio.shield(_cancel_quietly(client, worker.id, request_id))
+            await asyncio.shield(_cancel_quietly(client, worker.id, reply.request_id))
             raise
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def _recover(err: RbeeError, reply: _Reply, client: AgentClient,
+                   settings: OperatorSettings) -> tuple[Event, float]:
+    """What to do after a failed attempt: try again (the event to show, and how long to wait
+    first) or raise the error as the user should see it."""
+    spec, worker = reply.spec, reply.worker
+    if err.hint:
+        err.hint = localize_hint(err.hint, spec.node)
+    if not reply.parts and spec.plain_fallback is not None and _no_template(err):
+        spec.prompt, spec.messages, spec.plain_fallback = spec.plain_fallback, None, None
+        return Note("inference", "the model has no chat template: sending the prompt as a "
+                                 "plain completion"), 0.0
+    if err.code in BUSY_CODES and not reply.parts:
+        retry = settings.queue_full_retry
+        wait = retry.wait_after(reply.attempt)
+        if wait is not None:
+            wait = float(err.details.get("retry_after_s") or wait)
+            attempt = Attempt("inference", reply.attempt, retry.attempts, err, retry_in_s=wait)
+            reply.attempt += 1
+            return attempt, wait
+        err.hint = (f"Worker {worker.id} stayed busy. Try again later, spawn another worker "
+                    "(rbee workers spawn --new), or start workers with more slots.")
+        raise err from None
+    if err.code == ErrorCode.STREAM_STALLED:
+        await _cancel_quietly(client, worker.id, reply.request_id)
+    if reply.parts and err.code in (ErrorCode.WORKER_CRASHED, ErrorCode.STREAM_INTERRUPTED,
+                                    ErrorCode.STREAM_STALLED):
+        raise _interrupted(err, reply.parts, spec, reply.request_id, worker) from None
+    raise err
 
 
 async def _with_stall_timeout(
