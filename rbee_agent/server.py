@@ -30,10 +30,12 @@ from rbee_agent.http_errors import install_error_handlers
 from rbee_agent.llama_probe import gpu_offload
 from rbee_agent.protocol import (
     DownloadRequest,
+    RpcServerRequest,
     SpawnRequest,
     WorkerReadyCallback,
 )
 from rbee_agent.routes import health, logs, models, node, require_key, workers
+from rbee_agent.routes import rpc as rpc_routes
 from rbee_agent.settings import AgentSettings
 from rbee_agent.supervisor import Supervisor
 
@@ -91,6 +93,7 @@ def create_app(
     app.include_router(health.router)
     for area in (node.router, workers.router, models.router, logs.router):
         app.include_router(area, dependencies=[Depends(require_key)])
+    app.include_router(rpc_routes.router, dependencies=[Depends(require_key)])
     return app
 
 
@@ -98,7 +101,8 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
     """The app's OpenAPI schema, with the bodies that routes parse themselves."""
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     _, defs = models_json_schema(
-        [(m, "validation") for m in (SpawnRequest, DownloadRequest, WorkerReadyCallback)],
+        [(m, "validation") for m in (SpawnRequest, DownloadRequest, WorkerReadyCallback,
+                                     RpcServerRequest)],
         ref_template="#/components/schemas/{model}",
     )
     schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
