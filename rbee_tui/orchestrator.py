@@ -254,6 +254,9 @@ async def _stream(
             await stream.aclose()  # type: ignore[attr-defined]
 
 
+stream_on = _stream  # the generation phase alone, on a worker the caller already has
+
+
 async def _with_stall_timeout(
     stream: AsyncIterator[dict[str, object]], stall_s: float
 ) -> AsyncIterator[dict[str, object]]:
