@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import threading
 import time
 import tomllib
@@ -142,3 +141,16 @@ def test_b206_peer_killed_mid_stream_names_it_and_leaves_nothing(
     assert wait_for(lambda: not pid_alive(worker.pid), "the split worker to be gone")
     assert rpc_servers(peer) == [], "the failed RPC server is cleaned up on the peer"
     assert workers_of(head_pid) == []
+
+
+def test_b207_a_remote_head_reaches_the_peer_through_a_remote_forward(
+        rbee: RbeeEnv, peer: AgentProc) -> None:
+    """Head 'peer' (an SSH node), RPC server on localhost: the head's loopback comes back
+    over its SSH connection to this command and on to the local RPC server."""
+    single = rbee.run("infer", "--node", "peer", *ARGS, "--json")
+    assert single.returncode == 0, single.stderr
+    split = rbee.run("infer", "--split", "peer,localhost", *ARGS, "--json")
+    assert split.returncode == 0, split.stderr
+    assert json.loads(split.stdout)["text"] == json.loads(single.stdout)["text"]
+    assert "reached from peer at 127.0.0.1:" in split.stderr
+    assert [w["split"] for w in peer.get("/v1/workers").json()["workers"]] == [[]]
