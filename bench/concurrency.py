@@ -58,6 +58,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from rbee_agent.settings import AgentSettings  # noqa: E402
 from tests.agent_support import AgentProc, start_agent  # noqa: E402
 from tests.support import bundled_model_path, free_port, start_worker_process  # noqa: E402
 
@@ -352,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.threads}; {args.max_tokens} tokens per request (ignore_eos), greedy; "
           f"{args.rounds} request(s) per client; cpus {os.cpu_count()}; load average {load}")
     home = Path(tempfile.mkdtemp(prefix="rbee-bench-concurrency-"))
-    agent = start_agent(home, **{"worker-threads": str(args.threads)})
+    # The product's queue, not the tests' (they turn it off to see ALL_SLOTS_BUSY at once).
+    queue = AgentSettings.model_fields["worker_queue_depth"].default
+    agent = start_agent(home, **{"worker-threads": str(args.threads),
+                                 "worker-queue-depth": str(queue)})
     server = LlamaServer(binary, model, args.slots, args.ctx_size, args.threads)
     results: dict[str, Any] = {"slots": args.slots, "threads": args.threads,
                                "ctx_size": args.ctx_size, "max_tokens": args.max_tokens,

@@ -183,6 +183,7 @@ class DownloadManager:
         self._running: dict[str, Download] = {}  # by plan key
         self._ids = (f"d{n}-{secrets.token_hex(3)}" for n in itertools.count(1))
         self._closing = False
+        self.bytes_received = 0  # over every job, for the agent's metrics
 
     # ------------------------------------------------------------------ lookup
 
@@ -338,6 +339,7 @@ class DownloadManager:
             base = done_bytes
 
             def on_bytes(file_bytes: int, received: int, base: int = base) -> None:
+                self.bytes_received += received
                 job.on_bytes(base + file_bytes, received)
 
             def on_attempt(attempt: int, note: str) -> None:

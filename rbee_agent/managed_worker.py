@@ -156,6 +156,13 @@ class ManagedWorker:
             self.set_state("busy")
         return time.monotonic()
 
+    def count_tokens(self, tokens: int) -> None:
+        """Tokens this worker produced, counted by the relay as they pass (B134); a stream's
+        tokens also keep the worker from looking idle."""
+        if tokens:
+            self.tokens_served += tokens
+            self.last_activity = time.time()
+
     def end_request(self, started: float) -> None:
         self.in_flight = max(0, self.in_flight - 1)
         took = time.monotonic() - started

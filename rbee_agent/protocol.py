@@ -170,7 +170,7 @@ class ErrorBody(BaseModel):
 
 
 class RbeeError(Exception):
-    """The one error type (DESIGN principle 2).
+    """The one error type (principle 2).
 
     `message` says what went wrong and where; `hint` says what to do next. On the wire the
     hint rides in `details["hint"]` so the body keeps the fixed B39 shape.

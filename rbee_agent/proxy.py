@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import httpx
 from fastapi import Request, Response
@@ -28,6 +30,7 @@ from pydantic import ValidationError
 from rbee_agent import relay
 from rbee_agent.http_errors import error_response, parse_body
 from rbee_agent.managed_worker import ManagedWorker
+from rbee_agent.metrics import StreamMeter
 from rbee_agent.protocol import (
     REQUEST_ID_HEADER,
     REQUEST_ID_PATTERN,
@@ -35,6 +38,7 @@ from rbee_agent.protocol import (
     DoneEvent,
     ErrorCode,
     InferenceRequest,
+    InferenceResult,
     RbeeError,
     StreamErrorEvent,
     sse_frame,
@@ -46,6 +50,9 @@ log = logging.getLogger("rbee.agent")
 
 _DONE_FRAME = sse_frame(SSE_DONE)
 _DONE_MARK = b'"done":true'
+# The start of a token event's frame: counted as the relay passes it, so a node's tokens/s
+# moves while a reply streams rather than jumping when it ends (B134).
+_TOKEN_MARK = b'data: {"token"'
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 
@@ -96,9 +103,47 @@ def _no_room(worker: ManagedWorker) -> RbeeError:
 
 
 async def proxy_inference(sup: Supervisor, worker: ManagedWorker, request: Request) -> Response:
+    arrived = time.perf_counter()
     body = await request.body()
     parsed = await parse_body(request, InferenceRequest)
     request_id = _request_id(request, parsed)
+    try:
+        upstream = await send_inference(sup, worker, parsed, body, request_id)
+    except RbeeError as err:
+        if err.code not in (ErrorCode.QUEUE_FULL, ErrorCode.ALL_SLOTS_BUSY):
+            raise
+        return error_response(err, headers={"Retry-After": str(err.details["retry_after_s"]),
+                                            REQUEST_ID_HEADER: request_id})
+    if not upstream.is_event_stream:
+        payload = await read_reply(upstream)
+        extra = {k: v for k, v in upstream.response.headers.items() if k == "retry-after"}
+        return Response(payload, status_code=upstream.response.status,
+                        media_type=upstream.response.headers.get("content-type", ""),
+                        headers={REQUEST_ID_HEADER: request_id, **extra})
+    meter = request.app.state.metrics.meter(worker.model.id, arrived)
+    return SSEResponse(stream_frames(upstream, meter), headers={REQUEST_ID_HEADER: request_id})
+
+
+@dataclass
+class Upstream:
+    """A request in flight on a worker: its reply, and what ends it (`read_reply` or
+    `stream_frames`, which close the connection and uncount the request)."""
+
+    worker: ManagedWorker
+    response: relay.UpstreamResponse
+    started: float  # from worker.begin_request()
+    wait_s: float
+
+    @property
+    def is_event_stream(self) -> bool:
+        content_type = self.response.headers.get("content-type", "")
+        return self.response.status == 200 and content_type.startswith("text/event-stream")
+
+
+async def send_inference(sup: Supervisor, worker: ManagedWorker, parsed: InferenceRequest,
+                         body: bytes, request_id: str) -> Upstream:
+    """Send a request to a worker once it is ready and has room (B124, B125), and return
+    the head of its reply. Shared by rbee's own route and the OpenAI routes."""
     if worker.state == "loading":
         await sup.wait_ready(worker)
     if worker.state == "failed" and worker.failure is not None:
@@ -108,9 +153,7 @@ async def proxy_inference(sup: Supervisor, worker: ManagedWorker, request: Reque
                         hint="Spawn a worker for the model again.",
                         details={"worker_id": worker.id, "state": worker.state})
     if worker.in_flight >= worker.capacity:
-        err = _no_room(worker)
-        return error_response(err, headers={"Retry-After": str(err.details["retry_after_s"]),
-                                            REQUEST_ID_HEADER: request_id})
+        raise _no_room(worker)
     headers = {**worker.auth, REQUEST_ID_HEADER: request_id,
                "Content-Type": "application/json"}
     settings = sup.settings
@@ -118,62 +161,72 @@ async def proxy_inference(sup: Supervisor, worker: ManagedWorker, request: Reque
         settings.worker_result_timeout_s
     started = worker.begin_request()
     try:
-        upstream = await relay.post(worker.host, worker.port, "/v1/inference", headers, body,
+        response = await relay.post(worker.host, worker.port, "/v1/inference", headers, body,
                                     headers_timeout_s=wait_s)
     except relay.RelayError as exc:
         worker.end_request(started)
         raise _worker_gone(worker, str(exc)) from None
-    content_type = upstream.headers.get("content-type", "")
-    if upstream.status != 200 or not content_type.startswith("text/event-stream"):
-        try:
-            payload = await upstream.read(timeout_s=wait_s)
-        except relay.RelayError as exc:
-            raise _worker_gone(worker, str(exc)) from None
-        finally:
-            await upstream.aclose()
-            worker.end_request(started)
-        extra = {k: v for k, v in upstream.headers.items() if k == "retry-after"}
-        return Response(payload, status_code=upstream.status, media_type=content_type,
-                        headers={REQUEST_ID_HEADER: request_id, **extra})
-    return SSEResponse(_relay(worker, upstream, started),
-                       headers={REQUEST_ID_HEADER: request_id})
+    return Upstream(worker, response, started, wait_s)
 
 
-async def _relay(worker: ManagedWorker, upstream: relay.UpstreamResponse, started: float
-                 ) -> AsyncIterator[bytes]:
-    pending = b""
-    finished = False
+async def read_reply(upstream: Upstream) -> bytes:
+    """The whole body of a reply that is not a token stream (an error, or `stream: false`)."""
     try:
-        async for chunk in upstream.body_chunks():
-            pending += chunk
-            cut = pending.rfind(b"\n\n")
-            if cut < 0:
-                continue
-            frames, pending = pending[: cut + 2], pending[cut + 2 :]
-            finished = finished or frames.endswith(_DONE_FRAME)
+        payload = await upstream.response.read(timeout_s=upstream.wait_s)
+        if upstream.response.status == 200:
+            try:
+                upstream.worker.count_tokens(
+                    InferenceResult.model_validate_json(payload).total_tokens)
+            except ValidationError:
+                log.warning("worker %s sent a reply that is not an InferenceResult",
+                            upstream.worker.id)
+        return payload
+    except relay.RelayError as exc:
+        raise _worker_gone(upstream.worker, str(exc)) from None
+    finally:
+        await upstream.response.aclose()
+        upstream.worker.end_request(upstream.started)
+
+
+async def stream_frames(upstream: Upstream, meter: StreamMeter) -> AsyncIterator[bytes]:
+    """The worker's SSE frames as they come (B33); a worker that breaks off mid-stream ends
+    it with an error frame and `[DONE]`. Closing this generator closes the connection,
+    which makes the worker cancel the generation."""
+    worker = upstream.worker
+    counted = 0  # token frames of this stream already added to the worker's count
+    try:
+        async for frames in upstream.response.sse_batches():
+            meter.frames(frames)
+            live = frames.count(_TOKEN_MARK)
+            worker.count_tokens(live)
+            counted += live
             yield frames
             if _DONE_MARK in frames:
-                _count_tokens(worker, frames)
-        if not finished:
-            raise relay.RelayError("the stream ended before [DONE]")
+                total = _total_tokens(worker, frames)
+                meter.tokens(total)
+                # A frame may carry several tokens (held back for a stop string): the
+                # stream's own total settles the count.
+                worker.count_tokens(max(0, total - counted))
     except relay.RelayError as exc:
         err = _worker_gone(worker, str(exc))
         log.warning("%s", err.message)
         yield sse_frame(StreamErrorEvent(error=err.to_body().error))
         yield _DONE_FRAME
     finally:
-        await upstream.aclose()
-        worker.end_request(started)
+        await upstream.response.aclose()
+        worker.end_request(upstream.started)
 
 
-def _count_tokens(worker: ManagedWorker, frames: bytes) -> None:
-    """Decode the final frame (the only one the relay parses) and count its tokens."""
+def _total_tokens(worker: ManagedWorker, frames: bytes) -> int:
+    """The token total of the final frame (the only frame the relay parses)."""
     for line in frames.split(b"\n"):
         if line.startswith(b"data: {") and _DONE_MARK in line:
             try:
-                worker.tokens_served += DoneEvent.model_validate_json(line[6:]).total_tokens
+                return DoneEvent.model_validate_json(line[6:]).total_tokens
             except ValidationError:
                 log.warning("worker %s sent a final frame that is not a DoneEvent", worker.id)
+                return 0
+    return 0
 
 
 async def proxy_cancel(sup: Supervisor, worker: ManagedWorker, request_id: str) -> None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 _MAX_HEAD = 64 * 1024
+SSE_DONE_FRAME = b"data: [DONE]\n\n"
 
 
 class RelayError(Exception):
@@ -52,6 +53,22 @@ class UpstreamResponse:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
                 ConnectionError) as exc:
             raise RelayError(f"{type(exc).__name__}: the worker broke off the response") from exc
+
+    async def sse_batches(self) -> AsyncIterator[bytes]:
+        """The SSE body as whole frames, forwarded the moment they arrive: each item is one or
+        more complete `data: …\n\n` frames (a frame split across reads is joined first).
+        Ends after the `data: [DONE]` frame; a body that stops before it is a RelayError."""
+        pending = b""
+        async for chunk in self.body_chunks():
+            pending += chunk
+            cut = pending.rfind(b"\n\n")
+            if cut < 0:
+                continue
+            frames, pending = pending[: cut + 2], pending[cut + 2 :]
+            yield frames
+            if frames.endswith(SSE_DONE_FRAME):
+                return
+        raise RelayError("the stream ended before [DONE]")
 
     async def read(self, timeout_s: float | None = None) -> bytes:
         try:

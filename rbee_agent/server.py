@@ -28,6 +28,10 @@ from rbee_agent.catalog import Catalog
 from rbee_agent.edge import BodyLimit
 from rbee_agent.http_errors import install_error_handlers
 from rbee_agent.llama_probe import gpu_offload
+from rbee_agent.metrics import AgentMetrics, RequestCounter, route_template
+from rbee_agent.metrics_route import metrics_router
+from rbee_agent.openai.routes import answer_route_errors, openai_router
+from rbee_agent.openai.wire import ChatCompletionRequest, CompletionRequest
 from rbee_agent.protocol import (
     DownloadRequest,
     RpcServerRequest,
@@ -88,12 +92,17 @@ def create_app(
     app.state.catalog = catalog
     app.state.settings = settings
     app.state.identity = identity
+    app.state.metrics = AgentMetrics(supervisor)
     install_error_handlers(app)
+    answer_route_errors(app)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(RequestCounter, metrics=app.state.metrics, route_of=route_template)
     app.include_router(health.router)
-    for area in (node.router, workers.router, models.router, logs.router):
+    for area in (node.router, workers.router, models.router, logs.router,
+                 openai_router(supervisor, settings)):
         app.include_router(area, dependencies=[Depends(require_key)])
     app.include_router(rpc_routes.router, dependencies=[Depends(require_key)])
+    app.include_router(metrics_router(app.state.metrics, settings))
     return app
 
 
@@ -102,6 +111,7 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     _, defs = models_json_schema(
         [(m, "validation") for m in (SpawnRequest, DownloadRequest, WorkerReadyCallback,
+                                     ChatCompletionRequest, CompletionRequest,
                                      RpcServerRequest)],
         ref_template="#/components/schemas/{model}",
     )

@@ -89,10 +89,10 @@ class AgentSettings(BaseSettings):
                                  "the model's trained context)")
     worker_threads: int | None = Field(default=None, ge=1)
     worker_slots: int = Field(default=1, ge=1)
-    worker_queue_depth: int = Field(default=8, ge=0,
+    worker_queue_depth: int = Field(default=64, ge=0,
                                     description="requests that may wait for a busy worker's "
                                     "slot; more get QUEUE_FULL without reaching it")
-    worker_queue_timeout_s: float = Field(default=30.0, gt=0,
+    worker_queue_timeout_s: float = Field(default=300.0, gt=0,
                                           description="longest wait in a worker's queue")
     ram_factor: float = Field(default=1.2, gt=0,
                               description="choosing among a repo's files before download: "
@@ -146,6 +146,13 @@ class AgentSettings(BaseSettings):
     catalog_busy_timeout_s: float = Field(default=2.0, gt=0,
                                           description="wait for a locked catalog before "
                                           "answering CATALOG_BUSY")
+    # OpenAI-compatible API and metrics (B180-B193)
+    openai_default_max_tokens: int = Field(default=1024, ge=1, le=32768,
+                                           description="when a request gives none (a prompt "
+                                           "too long for it gets what the context has left)")
+    metrics_public: bool = Field(default=False,
+                                 description="GET /metrics without the key, on a loopback "
+                                 "agent only")
     # logs
     log_max_bytes: int = Field(default=5 * MiB, ge=1024)
     log_backups: int = Field(default=3, ge=0)

@@ -562,8 +562,8 @@ class Supervisor:
         worker.health_failures = 0
         worker.slots_busy = body.slots_busy or 0
         worker.queued = body.queued or 0
-        if body.tokens_served is not None:
-            worker.tokens_served = body.tokens_served
+        if body.tokens_served is not None:  # the relay's live count may be ahead of it
+            worker.tokens_served = max(worker.tokens_served, body.tokens_served)
 
     async def _idle_loop(self) -> None:
         while True:

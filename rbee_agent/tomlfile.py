@@ -38,13 +38,17 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
 
 
 def write_private_toml(path: Path, data: dict[str, Any]) -> None:
+    write_private_file(path, tomli_w.dumps(data).encode())
+
+
+def write_private_file(path: Path, content: bytes) -> None:
     """Temp file in the same folder, chmod 0600 before any byte is written, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as fh:
-            tomli_w.dump(data, fh)
+            fh.write(content)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

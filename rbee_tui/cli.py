@@ -17,6 +17,8 @@ import re
 import sys
 from typing import NoReturn
 
+from rbee_gateway import serve as gateway
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 LOCALHOST = "localhost"  # the same name as config.LOCALHOST, without importing pydantic
 DEFAULT_MODEL = "smollm2-135m"  # config.DEFAULT_MODEL; a test keeps the two equal
@@ -81,6 +83,7 @@ def build_parser() -> Parser:
     logs.add_argument("--lines", "-n", type=int, default=100, metavar="N",
                       help="how many of the last lines to print first (default: 100)")
     logs.set_defaults(handler="logs")
+    gateway.add_parser(sub)
     return p
 
 

@@ -402,3 +402,10 @@ async def cmd_logs(args: argparse.Namespace, config: Config, links: NodeLinks,
             sys.stdout.write(entry.line + "\n")
             sys.stdout.flush()
     return EXIT_OK
+
+
+async def cmd_serve(args: argparse.Namespace, config: Config, links: NodeLinks,
+                    printer: EventPrinter) -> int:
+    from rbee_gateway.serve import serve
+
+    return await serve(args, config, links)

@@ -134,6 +134,7 @@ class AgentClient:
     ) -> None:
         self.node = node
         self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
         self.settings = settings
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(

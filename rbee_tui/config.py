@@ -78,6 +78,15 @@ class OperatorSettings(BaseModel):
     poll_interval_s: float = Field(default=2.0, gt=0)
     dashboard_frame_s: float = Field(default=0.5, gt=0)  # poll results drawn together (B166)
     theme: str = "rbee"
+    # `rbee serve`, the OpenAI-compatible gateway (B186-B189)
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8080, ge=1, le=65535)
+    gateway_state_ttl_s: float = Field(default=1.0, ge=0)  # node state older than this is
+    # asked again before a request is routed
+    gateway_health_interval_s: float = Field(default=5.0, gt=0)  # how often a down node
+    # is asked whether it is back
+    gateway_refresh_timeout_s: float = Field(default=5.0, gt=0)
+    gateway_metrics_public: bool = False  # /metrics without the key, on loopback only
 
     @model_validator(mode="before")
     @classmethod

@@ -90,11 +90,12 @@ class AgentProc:
 
 def start_agent(
     home: Path, key: str = "agent-test-key", env: dict[str, str] | None = None,
-    **settings: str | None,
+    port: int | None = None, **settings: str | None,
 ) -> AgentProc:
-    """An agent on a free port; `env` adds to (or overrides) the inherited environment."""
+    """An agent on a free port (or `port`); `env` adds to (or overrides) the inherited
+    environment."""
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     first = free_port()
     flags = {**FAST, "worker-port-min": str(first), "worker-port-max": str(first + 50),
              **settings, "data-dir": str(home / "data"), "log-dir": str(home / "logs"),

@@ -204,7 +204,8 @@ def test_b125_a_full_queue_is_answered_by_the_agent(
     url = f"{a.url}/v1/workers/{worker['id']}/inference"
     long = {"prompt": LONG_PROMPT, "max_tokens": 1500, "temperature": 0}
     with httpx.stream("POST", url, headers=a.headers, timeout=60, json=long) as first:
-        next(sse_data(first))
+        running = sse_data(first)  # kept: a dropped generator closes the stream
+        next(running)
         with httpx.stream("POST", url, headers=a.headers, timeout=60,
                           json={"prompt": "Hi", "max_tokens": 2}) as queued:
             assert queued.status_code == 200
@@ -214,7 +215,7 @@ def test_b125_a_full_queue_is_answered_by_the_agent(
             finally:
                 os.kill(worker["pid"], signal.SIGCONT)
             err = full.json()["error"]
-            assert full.status_code == 503 and err["code"] == "QUEUE_FULL"
+            assert full.status_code == 503 and err["code"] == "QUEUE_FULL", err
             assert err["details"]["queue_depth"] == 1 and int(full.headers["retry-after"]) >= 1
             httpx.delete(f"{url[:-len('/inference')]}/inference/"
                          f"{first.headers['x-request-id']}", headers=a.headers)

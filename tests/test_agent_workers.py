@@ -92,6 +92,28 @@ def test_b33_request_id_passes_through_and_cancel_reaches_the_worker(agent: Agen
     agent.delete(f"/v1/workers/{worker['id']}")
 
 
+def test_b134_tokens_served_rises_while_a_reply_streams(agent: AgentProc) -> None:
+    """The node's TOK/S is computed from this count between polls: it must move during a
+    reply, not jump when the reply ends."""
+    worker = agent.spawn()
+    agent.wait_state(worker["id"], "idle")
+    url = f"{agent.url}/v1/workers/{worker['id']}"
+    with httpx.stream("POST", f"{url}/inference", timeout=60, headers=agent.headers,
+                      json={"prompt": LONG_PROMPT, "max_tokens": 1500, "temperature": 0}) as r:
+        frames = sse_data(r)
+        seen = 0
+        while seen < 6:
+            seen += "token" in json.loads(next(frames))
+        counted = agent.get(f"/v1/workers/{worker['id']}").json()["tokens_served"]
+        assert counted >= seen
+        rest = [json.loads(f) for f in frames if f != "[DONE]"]
+    done = rest[-1]
+    assert done["done"]
+    info = agent.get(f"/v1/workers/{worker['id']}").json()
+    assert info["tokens_served"] == done["total_tokens"]
+    agent.delete(f"/v1/workers/{worker['id']}")
+
+
 def test_b33_client_disconnect_cancels_upstream(agent: AgentProc) -> None:
     worker = agent.spawn()
     agent.wait_state(worker["id"], "idle")

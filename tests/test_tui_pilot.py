@@ -268,7 +268,11 @@ async def test_b72_chat_streams_real_tokens_and_esc_cancels(rbee: RbeeEnv,
         await pilot.press("c")
         assert isinstance(app.screen, ChatScreen)
         chat = app.screen
-        await pilot.press(*"Count: 1, 2, 3, 4,", "enter")
+        # Greedy, and a question whose answer is long (512 tokens): the reply is still
+        # streaming when the test looks, however fast the machine is.
+        chat.conversation.settings.temperature = 0.0
+        await pilot.press(*"Count from 1 to 1000, one number after another, separated by "
+                          "commas.", "enter")
 
         def status() -> str:
             return str(chat.query_one("#chat-status", Label).render())

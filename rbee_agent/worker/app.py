@@ -39,10 +39,11 @@ def _rbee_error_response(err: RbeeError) -> JSONResponse:
     headers = {"Retry-After": str(int(retry))} if isinstance(retry, int | float) else None
     return error_response(err, headers=headers)
 
+
 def create_app(
     service: WorkerService, on_startup: Callable[[], None] | None = None
 ) -> FastAPI:
-    settings = service.settings
+    """The worker's HTTP face: health without a key, everything else behind it."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -59,12 +60,17 @@ def create_app(
     async def _rbee_error(_: Request, exc: RbeeError) -> JSONResponse:
         return _rbee_error_response(exc)
 
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes, owner="worker")
+    app.add_middleware(BodyLimit, limit=service.settings.max_request_bytes, owner="worker")
+    app.include_router(_health_routes(service))
+    app.include_router(_api_routes(service))
+    return app
 
-    def require_key(request: Request) -> None:
-        check_bearer(request, settings.api_key)
 
-    @app.get("/v1/health", response_model=HealthReply, response_model_exclude_none=True)
+def _health_routes(service: WorkerService) -> APIRouter:
+    router = APIRouter()
+    settings = service.settings
+
+    @router.get("/v1/health", response_model=HealthReply, response_model_exclude_none=True)
     async def health() -> HealthReply:
         return HealthReply(
             version=__version__, worker_id=settings.worker_id, state=service.state,
@@ -73,6 +79,15 @@ def create_app(
             queue_depth=settings.queue_depth, gpu_layers=service.engine.gpu_layers,
             layers_total=service.engine.layers_total,
         )
+
+    return router
+
+
+def _api_routes(service: WorkerService) -> APIRouter:
+    """The routes that need the worker's key (the agent holds it)."""
+
+    def require_key(request: Request) -> None:
+        check_bearer(request, service.settings.api_key)
 
     api = APIRouter(dependencies=[Depends(require_key)])
 
@@ -111,8 +126,7 @@ def create_app(
         service.request_shutdown()
         return ShutdownReply(state=service.state, active_requests=service.active_requests)
 
-    app.include_router(api)
-    return app
+    return api
 
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:

@@ -240,9 +240,22 @@ class Scheduler:
             self._finish(running, "cancelled")
 
     def _step(self) -> None:
-        batch, chunk = self._batch, self.chunk
-        # Prompt pieces first-come first-served, `chunk` prompt tokens in all per step; a
-        # piece ends at the next multiple of `chunk` (fixed positions, see the docstring).
+        """One `llama_decode`: a token for every decoding sequence and the next prompt
+        pieces, then what it computed is recorded and sampled."""
+        pieces = self._prompt_pieces()
+        decodes, prefills = self._fill_batch(pieces)
+        self.steps += 1
+        status = self.ctx.decode(self._batch)
+        if status != 0:
+            self._fail([r for r, _ in decodes] + [r for r, _, _ in prefills],
+                       f"llama_decode returned {status}")
+            return
+        self._after_decode(decodes, prefills)
+
+    def _prompt_pieces(self) -> list[tuple[_Running, int]]:
+        """Prompt pieces first-come first-served, `chunk` prompt tokens in all per step; a
+        piece ends at the next multiple of `chunk` (fixed positions, see the docstring)."""
+        chunk = self.chunk
         pieces: list[tuple[_Running, int]] = []
         budget = chunk
         for running in self._prefilling:
@@ -253,8 +266,15 @@ class Scheduler:
             budget -= end - running.n_past
             if budget <= 0:
                 break
-        # Into the batch in sequence-id order: with a KV stream per sequence, llama.cpp
-        # computes a run of consecutive sequence ids in one pass, and splits the rest.
+        return pieces
+
+    def _fill_batch(self, pieces: list[tuple[_Running, int]]
+                    ) -> tuple[list[tuple[_Running, int]], list[tuple[_Running, int, int]]]:
+        """Into the batch in sequence-id order: with a KV stream per sequence, llama.cpp
+        computes a run of consecutive sequence ids in one pass, and splits the rest. Returns
+        the decodes (with their logits index) and the prefills (with their end, and the
+        logits index of a prompt's last token, else -1)."""
+        batch = self._batch
         batch.clear()
         decodes: list[tuple[_Running, int]] = []
         prefills: list[tuple[_Running, int, int]] = []
@@ -271,12 +291,11 @@ class Scheduler:
                                   running.slot.seq, last)
             prefills.append((running, stop, index if last else -1))
         batch.seal()
-        self.steps += 1
-        status = self.ctx.decode(batch)
-        if status != 0:
-            self._fail([r for r, _ in decodes] + [r for r, _, _ in prefills],
-                       f"llama_decode returned {status}")
-            return
+        return decodes, prefills
+
+    def _after_decode(self, decodes: list[tuple[_Running, int]],
+                      prefills: list[tuple[_Running, int, int]]) -> None:
+        chunk = self.chunk
         keep_all = self.reuse is Reuse.ANY
         for running, index in decodes:
             running.n_past += 1
