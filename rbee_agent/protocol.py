@@ -503,6 +503,7 @@ class RpcServerInfo(BaseModel):
     state: RpcServerState
     started_at: float
     free_mb: int | None = None
+    clients: int = 0  # connections a split worker (through its tunnel) holds now
     error: ErrorDetail | None = None
 
 

@@ -56,6 +56,7 @@ class RpcServer:
         self.started_at = time.time()
         self.failure: RbeeError | None = None
         self.exited = asyncio.Event()
+        self.last_used = time.monotonic()  # when a client was last seen connected
 
     @property
     def pid(self) -> int | None:
@@ -81,10 +82,20 @@ class RpcServer:
                        for c in psutil.Process(self.pid).net_connections("tcp"))
         return False
 
+    def clients(self) -> int:
+        """Connections a split worker (or its tunnel's sshd) holds to the server now."""
+        if self.pid is None:
+            return 0
+        with contextlib.suppress(psutil.Error):
+            return sum(1 for c in psutil.Process(self.pid).net_connections("tcp")
+                       if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port)
+        return 0
+
     def info(self, free_mb: int | None) -> RpcServerInfo:
         return RpcServerInfo(
             id=self.id, device=self.device, port=self.port, pid=self.pid, state=self.state,
             started_at=self.started_at, free_mb=free_mb if self.state == "ready" else None,
+            clients=self.clients() if self.state == "ready" else 0,
             error=self.failure.to_body().error if self.failure else None,
         )
 
@@ -204,6 +215,24 @@ class RpcServers:
         )
         server.state = "failed"
         log.warning("%s", server.failure.message)
+
+    async def reap_unused(self, every_s: float) -> None:
+        """B209: stop a server no client has held for `rpc_unused_stop_s`. A split worker
+        keeps its connection while its model is loaded, so a server without one serves
+        nobody: the operator that held the split's tunnels died, or never spawned it."""
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.monotonic()
+            for server in list(self.servers.values()):
+                if server.state != "ready":
+                    continue
+                if await asyncio.to_thread(server.clients):
+                    server.last_used = now
+                elif now - server.last_used >= self.settings.rpc_unused_stop_s:
+                    log.info("rpc server %s has had no client for %.0f s; stopping it",
+                             server.id, now - server.last_used)
+                    await self._stop(server)
+                    self.servers.pop(server.id, None)
 
     # ------------------------------------------------------------------ stop
 

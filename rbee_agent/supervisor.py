@@ -92,6 +92,7 @@ class Supervisor:
         self._worker_log_dir.mkdir(parents=True, exist_ok=True)
         self._background(self._health_loop())
         self._background(self._idle_loop())
+        self._background(self.rpc.reap_unused(self.settings.idle_check_s))
 
     def _background(
         self, coro: Coroutine[Any, Any, Any], owner: ManagedWorker | None = None

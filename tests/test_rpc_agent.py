@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -159,3 +160,16 @@ def test_b204_layers_follow_free_memory(weights: list[int], total: int,
     from rbee_agent.split_placement import shares
 
     assert shares(total, weights) == expected
+
+
+def test_b209_an_rpc_server_nobody_uses_is_stopped(
+        start_agent: Callable[..., AgentProc]) -> None:
+    agent = start_agent("peer", **{"rpc-unused-stop-s": "3", "idle-check-s": "0.1"})
+    server = start_rpc(agent)
+    with socket.create_connection(("127.0.0.1", server["port"])):  # a client holds it
+        deadline = time.monotonic() + 30
+        while agent.get(f"/v1/rpc-servers/{server['id']}").json()["clients"] != 1:
+            assert time.monotonic() < deadline, "the client was never seen"
+            time.sleep(0.05)
+    assert gone(server["pid"]), "stopped once no client held it"
+    assert agent.get("/v1/rpc-servers").json() == []

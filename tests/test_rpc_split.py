@@ -89,6 +89,7 @@ def test_b207_spawn_split_holds_the_tunnel_until_ctrl_c(rbee: RbeeEnv, peer: Age
             break
     assert proc.poll() is None, "".join(lines)
     [server] = rpc_servers(peer)
+    assert server["clients"] >= 1, "the split worker holds the server through the tunnel"
     listening = [(c.laddr.ip, c.laddr.port) for c in
                  psutil.Process(server["pid"]).net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN]
@@ -154,3 +155,24 @@ def test_b207_a_remote_head_reaches_the_peer_through_a_remote_forward(
     assert json.loads(split.stdout)["text"] == json.loads(single.stdout)["text"]
     assert "reached from peer at 127.0.0.1:" in split.stderr
     assert [w["split"] for w in peer.get("/v1/workers").json()["workers"]] == [[]]
+
+
+def test_b206_the_tunnel_dropped_mid_stream_names_the_node_and_leaves_nothing(
+        rbee: RbeeEnv, peer: AgentProc, sshd: OpenSshd) -> None:
+    proc = rbee.popen("infer", "--split", "localhost,peer", "--prompt", "Once upon a time",
+                      "--temperature", "0", "--max-tokens", "2000", "--raw")
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(20), "no tokens"
+    [server] = rpc_servers(peer)
+    head_pid = rbee.agent_pid()
+    assert head_pid is not None
+    [worker] = workers_of(head_pid)
+    for session in psutil.Process(sshd.proc.pid).children(recursive=True):
+        session.kill()  # every SSH connection drops: the tunnel and the agent link
+    code = proc.wait(120)
+    stderr = proc.stderr.read()
+    assert code == 1, stderr
+    assert "Node 'peer' of the split cannot be reached" in stderr, stderr
+    assert wait_for(lambda: not pid_alive(worker.pid), "the split worker to be gone")
+    assert wait_for(lambda: not pid_alive(server["pid"]), "the RPC server to be stopped")
+    assert rpc_servers(peer) == [], "stopped through a reopened SSH link"

@@ -179,14 +179,15 @@ class SplitWorker:
             try:
                 server = await peer.client.rpc_server(peer.server.id)
             except RbeeError as err:
-                why = err.message
+                what = f"cannot be reached (its SSH link or agent is down): {err.message}"
             else:
                 if server.state == "ready":
                     continue
                 why = server.error.message if server.error else f"it is {server.state}"
+                what = f"lost its RPC server: {why}"
             return RbeeError(
                 ErrorCode.WORKER_CRASHED,
-                f"Node '{peer.name}' of the split lost its RPC server: {why}",
+                f"Node '{peer.name}' of the split {what}",
                 hint=f"Check node '{peer.name}' (rbee nodes check {peer.name}), then spawn "
                      "the split again.",
                 details={"node": peer.name, "worker_id": self.worker.id if self.worker
@@ -215,8 +216,20 @@ class SplitWorker:
 
         if self.head is not None and self.worker is not None:
             await quietly(self.head.stop_worker(self.worker.id))
-        await asyncio.gather(*(quietly(p.client.stop_rpc_server(p.server.id))
-                               for p in self.peers if p.server is not None))
+        await asyncio.gather(*(quietly(self._stop_server(p)) for p in self.peers))
         for client in [*(p.client for p in self.peers), self.head]:
             if client is not None:
                 await quietly(client.aclose())
+
+    async def _stop_server(self, peer: _Peer) -> None:
+        """Through the peer's link, reopened once when it dropped (the tunnel may have gone
+        with it), so the RPC server does not outlive the split."""
+        if peer.server is None:
+            return
+        try:
+            await peer.client.stop_rpc_server(peer.server.id)
+        except RbeeError:
+            self.links.suspect(peer.name)
+            client = await self.links.open(peer.name, cold_start=False)
+            async with client:
+                await client.stop_rpc_server(peer.server.id)
