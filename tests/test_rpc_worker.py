@@ -20,6 +20,7 @@ PROMPT = "The capital of France is"
 
 def start_rpc_server(tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / f"rpc-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -94,3 +95,23 @@ def test_b203_a_split_worker_whose_server_is_gone_exits_naming_it(
     split = start_worker("--rpc", f"127.0.0.1:{port}", "--gpu-layers", "15", wait=False)
     assert split.proc.wait(60) != 0
     assert f"127.0.0.1:{port}" in split.log()
+
+
+def test_b202_two_rpc_servers_share_the_offloaded_layers(
+        tmp_path: Path, start_worker: Callable[..., WorkerProc], worker: WorkerProc) -> None:
+    servers = [start_rpc_server(tmp_path / name) for name in ("a", "b")]
+    try:
+        for proc, _, log in servers:
+            wait_listening(proc, log)
+        before = [psutil.Process(proc.pid).memory_info().rss for proc, _, _ in servers]
+        endpoints = ",".join(f"127.0.0.1:{port}" for _, port, _ in servers)
+        split = start_worker("--rpc", endpoints, "--gpu-layers", "20", "--tensor-split", "1,1")
+        assert "llama.cpp devices: CPU, RPC0, RPC1" in split.log()
+        assert greedy(split) == greedy(worker)
+        after = [psutil.Process(proc.pid).memory_info().rss for proc, _, _ in servers]
+        grown = [(a - b) // 2**20 for a, b in zip(after, before, strict=True)]
+        assert all(mb >= 20 for mb in grown), f"each server holds its layers: {grown} MB"
+    finally:
+        for proc, _, _ in servers:
+            proc.kill()
+            proc.wait(10)
