@@ -173,3 +173,17 @@ def test_b209_an_rpc_server_nobody_uses_is_stopped(
             time.sleep(0.05)
     assert gone(server["pid"]), "stopped once no client held it"
     assert agent.get("/v1/rpc-servers").json() == []
+
+
+def test_b204_a_split_over_three_nodes(start_agent: Callable[..., AgentProc]) -> None:
+    head, one, two = start_agent("head"), start_agent("one"), start_agent("two")
+    single = head.spawn()
+    head.wait_state(single["id"], "idle")
+    expected = greedy(head, single["id"])
+    peers = [peer_of(start_rpc(one), "one"), peer_of(start_rpc(two), "two")]
+    split = head.spawn(rpc=peers)
+    ready = head.wait_state(split["id"], "idle")
+    layers = {p["node"]: p["layers"] for p in ready["split"]}
+    assert set(layers) == {None, "one", "two"} and sum(layers.values()) == 30
+    assert min(layers.values()) >= 8, "about a third each: the nodes offer about the same"
+    assert greedy(head, split["id"]) == expected
