@@ -71,6 +71,7 @@ def test_b208_infer_split_over_ssh_equals_the_single_node_text(
     assert split.returncode == 0, split.stderr
     assert json.loads(split.stdout)["text"] == json.loads(single.stdout)["text"]
     assert "reached from localhost at 127.0.0.1:" in split.stderr and "over SSH" in split.stderr
+    assert "on localhost, " in split.stderr and " on peer" in split.stderr, "layers per node"
     assert rpc_servers(peer) == [], "the split's RPC server is stopped when it ends"
     head_pid = rbee.agent_pid()
     assert head_pid is not None
@@ -176,3 +177,15 @@ def test_b206_the_tunnel_dropped_mid_stream_names_the_node_and_leaves_nothing(
     assert wait_for(lambda: not pid_alive(worker.pid), "the split worker to be gone")
     assert wait_for(lambda: not pid_alive(server["pid"]), "the RPC server to be stopped")
     assert rpc_servers(peer) == [], "stopped through a reopened SSH link"
+
+
+def test_b206_load_progress_names_the_node_whose_layers_load() -> None:
+    from rbee_agent.protocol import SplitPart
+    from rbee_tui.ops.split import loading_where
+
+    layout = [SplitPart(node=None, layers=10), SplitPart(node="gpu1", layers=12, endpoint="x"),
+              SplitPart(node="gpu2", layers=8, endpoint="y")]
+    assert loading_where(layout, "localhost", 3) == "→ localhost"
+    assert loading_where(layout, "localhost", 10) == "→ gpu1"
+    assert loading_where(layout, "localhost", 29) == "→ gpu2"
+    assert loading_where(layout, "localhost", 30) == "10 on localhost, 12 on gpu1, 8 on gpu2"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rbee_agent.model_refs import parse_model_ref
 from rbee_agent.protocol import (
@@ -28,16 +28,28 @@ from rbee_agent.protocol import (
     RbeeError,
     RpcPeer,
     RpcServerInfo,
+    SplitPart,
     WorkerInfo,
 )
 from rbee_tui.client import AgentClient
 from rbee_tui.config import Config
-from rbee_tui.events import Event, PhaseDone, PhaseStarted
+from rbee_tui.events import Event, PhaseDone, PhaseStarted, Progress
 from rbee_tui.links import NodeLinks
 from rbee_tui.ops.workers import SpawnSpec, spawn_events
 
 WATCH_INTERVAL_S = 1.0  # how often a held split checks its worker and RPC servers
 CLOSE_TIMEOUT_S = 30.0
+
+
+def loading_where(layout: list[SplitPart], head: str, done: float) -> str:
+    """Which node's layers are loading now (layers load in order: the head's first,
+    then each peer's), so a slow peer shows by name in the load progress (B206)."""
+    end = 0
+    for part in layout:
+        end += part.layers
+        if done < end:
+            return f"→ {part.node or head}"
+    return ", ".join(f"{p.layers} on {p.node or head}" for p in layout)
 
 
 def parse_nodes(text: str) -> tuple[str, ...]:
@@ -126,10 +138,24 @@ class SplitWorker:
                     for p in self.peers)
         spawn = SpawnSpec(spec.head, spec.model_ref, "cpu", new=True, ctx_size=spec.ctx_size,
                           slots=spec.slots, gpu_layers=spec.peer_layers, rpc=rpc)
+        layout: list[SplitPart] | None = None
         async for event in spawn_events(self.head, spawn, self.config.settings):
             if isinstance(event, WorkerInfo):
                 self.worker = event
+            elif isinstance(event, Progress) and event.phase == "loading" and event.total:
+                if layout is None:
+                    layout = await self._layout()
+                event = replace(event, message=loading_where(layout, spec.head, event.done))
             yield event
+
+    async def _layout(self) -> list[SplitPart]:
+        """The split the head admitted: its worker is the one using our tunnels."""
+        assert self.head is not None
+        ours = {p.endpoint for p in self.peers}
+        for worker in await self.head.workers():
+            if worker.split and {p.endpoint for p in worker.split if p.node} == ours:
+                return worker.split
+        return []
 
     async def _tunnel(self, peer: str, port: int) -> str:
         """The head node's way into `peer`'s 127.0.0.1:port, through SSH only (B207)."""
