@@ -59,9 +59,14 @@ async def cmd_spawn_split(args: argparse.Namespace, config: Config, links: NodeL
                          "its RPC servers", worker.model_dump()))
         if args.json:
             print_json(worker.model_dump())
-        raise await split.watch()
+        failure = await split.watch()
+        if failure is not None:
+            raise failure
     finally:
         await split.close()
+    printer(Finished(f"split worker {worker.id} was stopped on {split.spec.head}; its RPC "
+                     "servers are stopped too"))
+    return EXIT_OK
 
 
 async def cmd_infer_split(args: argparse.Namespace, config: Config, links: NodeLinks,

@@ -189,3 +189,23 @@ def test_b206_load_progress_names_the_node_whose_layers_load() -> None:
     assert loading_where(layout, "localhost", 10) == "→ gpu1"
     assert loading_where(layout, "localhost", 29) == "→ gpu2"
     assert loading_where(layout, "localhost", 30) == "10 on localhost, 12 on gpu1, 8 on gpu2"
+
+
+def test_b207_stopping_the_split_worker_ends_the_held_split(rbee: RbeeEnv, peer: AgentProc
+                                                            ) -> None:
+    proc = rbee.popen("workers", "spawn", "--model", "smollm2-135m", "--split",
+                      "localhost,peer", "--json")
+    assert proc.stdout is not None and proc.stderr is not None
+    text = ""
+    for line in proc.stdout:  # one JSON document, printed once the split serves
+        text += line
+        if line.rstrip() == "}":
+            break
+    worker = json.loads(text)
+    assert {p["node"] for p in worker["split"]} == {None, "peer"}
+    [server] = rpc_servers(peer)
+    stopped = rbee.run("workers", "stop", "--node", "localhost", "--id", worker["id"])
+    assert stopped.returncode == 0, stopped.stderr
+    assert proc.wait(60) == 0, proc.stderr.read()
+    assert "its RPC servers are stopped too" in proc.stderr.read()
+    assert not pid_alive(server["pid"]) and rpc_servers(peer) == []

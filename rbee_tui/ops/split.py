@@ -175,27 +175,28 @@ class SplitWorker:
         parts = ", ".join(f"{p.node or self.spec.head} {p.layers}" for p in worker.split)
         return f"worker {worker.id} on {self.spec.head} (layers: {parts})"
 
-    async def watch(self) -> RbeeError:
-        """Until the split breaks: the error that says which node failed (B206)."""
+    async def watch(self) -> RbeeError | None:
+        """Until the split ends: None when its worker was stopped (`rbee workers stop`, the
+        head's idle timeout), else the error that says which node failed (B206)."""
         assert self.head is not None and self.worker is not None
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
-            lost = await self.lost_peer()
-            if lost is not None:
-                return lost
             try:
                 worker = await self.head.worker(self.worker.id)
             except RbeeError as err:
                 if err.code == ErrorCode.WORKER_NOT_FOUND:
-                    return RbeeError(ErrorCode.WORKER_CRASHED,
-                                     f"Split worker {self.worker.id} on {self.spec.head} is gone",
-                                     hint="Spawn the split again.")
-                return err
-            if worker.state in ("failed", "stopping"):
-                if worker.error is not None:
-                    return RbeeError.from_body(ErrorBody(error=worker.error))
-                return RbeeError(ErrorCode.WORKER_CRASHED,
-                                 f"Split worker {worker.id} on {self.spec.head} stopped")
+                    return None
+                return await self.explain(err)
+            if worker.state == "failed":
+                failure = (RbeeError.from_body(ErrorBody(error=worker.error)) if worker.error
+                           else RbeeError(ErrorCode.WORKER_CRASHED,
+                                          f"Split worker {worker.id} on {self.spec.head} failed"))
+                return await self.explain(failure)
+            if worker.state == "stopping":
+                return None
+            lost = await self.lost_peer()
+            if lost is not None:
+                return lost
 
     async def lost_peer(self) -> RbeeError | None:
         """A peer whose RPC server died or whose agent stopped answering, named."""
