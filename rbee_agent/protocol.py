@@ -490,6 +490,8 @@ class RpcServerRequest(BaseModel):
 
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda[0-9]{1,2})$")
     threads: int | None = Field(default=None, ge=1, le=256)
+    # The most memory (MiB) this node offers the split; None: what the device has free.
+    mem_mb: int | None = Field(default=None, ge=1)
 
 
 class RpcServerInfo(BaseModel):

@@ -49,6 +49,7 @@ class RpcServer:
         self.id = server_id
         self.device = request.device
         self.threads = request.threads or 1
+        self.mem_mb = request.mem_mb
         self.port = port
         self.log_path = log_path
         self.proc: asyncio.subprocess.Process | None = None
@@ -112,6 +113,13 @@ class RpcServers:
 
     # ------------------------------------------------------------------ views
 
+    def offered_mb(self, server: RpcServer) -> int | None:
+        """What a server offers: its device's free memory, capped at what was asked."""
+        free = self.free_mb(server.device)
+        if free is None or server.mem_mb is None:
+            return free
+        return min(free, server.mem_mb)
+
     def free_mb(self, device: str) -> int | None:
         """The memory a device offers a split worker, less the agent's reserve (MiB)."""
         if device == "cpu":
@@ -123,7 +131,7 @@ class RpcServers:
         return None
 
     def infos(self) -> list[RpcServerInfo]:
-        return [s.info(self.free_mb(s.device)) for s in self.servers.values()]
+        return [s.info(self.offered_mb(s)) for s in self.servers.values()]
 
     def get(self, server_id: str) -> RpcServer:
         server = self.servers.get(server_id)
@@ -160,7 +168,7 @@ class RpcServers:
         server.state = "ready"
         log.info("rpc server %s (pid %s) serves %s on 127.0.0.1:%d", server.id, server.pid,
                  server.device, server.port)
-        return server.info(free)
+        return server.info(self.offered_mb(server))
 
     async def _launch(self, server: RpcServer) -> None:
         env = allowed_env()

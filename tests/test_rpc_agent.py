@@ -76,6 +76,14 @@ def test_b201_an_rpc_server_dies_with_its_agent(start_agent: Callable[..., Agent
     assert gone(server["pid"]), "no orphan RPC server after the agent was killed"
 
 
+def test_b201_an_rpc_server_offers_at_most_what_it_was_asked(
+        start_agent: Callable[..., AgentProc]) -> None:
+    agent = start_agent("peer")
+    r = agent.post("/v1/rpc-servers", json={"device": "cpu", "mem_mb": 100})
+    assert r.status_code == 201 and r.json()["free_mb"] == 100
+    assert agent.get(f"/v1/rpc-servers/{r.json()['id']}").json()["free_mb"] == 100
+
+
 def test_b201_a_gpu_the_node_lacks_is_refused(start_agent: Callable[..., AgentProc]) -> None:
     agent = start_agent("peer")
     r = agent.post("/v1/rpc-servers", json={"device": "cuda7"})

@@ -33,7 +33,7 @@ async def start_rpc_server(request: Request, supervisor: SupervisorDep) -> JSONR
 async def get_rpc_server(server_id: ServerId, supervisor: SupervisorDep) -> RpcServerInfo:
     rpc = supervisor.rpc
     server = rpc.get(server_id)
-    return server.info(rpc.free_mb(server.device))
+    return server.info(rpc.offered_mb(server))
 
 
 @router.delete("/v1/rpc-servers/{server_id}", response_model=RpcServerInfo)
