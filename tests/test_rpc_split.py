@@ -209,3 +209,16 @@ def test_b207_stopping_the_split_worker_ends_the_held_split(rbee: RbeeEnv, peer:
     assert proc.wait(60) == 0, proc.stderr.read()
     assert "its RPC servers are stopped too" in proc.stderr.read()
     assert not pid_alive(server["pid"]) and rpc_servers(peer) == []
+
+
+def test_b208_a_peer_that_cannot_serve_is_named_and_nothing_is_left(
+        rbee: RbeeEnv, peer: AgentProc) -> None:
+    split = rbee.run("infer", "--split", "localhost,peer", "--rpc-device", "cuda3", *ARGS)
+    assert split.returncode == 1
+    assert "Node 'peer' could not start an RPC server: No GPU 3 on this node" in split.stderr
+    assert rpc_servers(peer) == []
+    head_pid = rbee.agent_pid()
+    assert head_pid is None or workers_of(head_pid) == []
+    usage = rbee.run("infer", "--split", "localhost", *ARGS)
+    assert usage.returncode == 2 and "a split needs the head node and at least one more" \
+        in usage.stderr

@@ -128,7 +128,11 @@ class SplitWorker:
             yield PhaseStarted("rpc", f"Starting a {spec.device} RPC server on {name}")
             peer = _Peer(name, await self.links.open(name))
             self.peers.append(peer)
-            peer.server = await peer.client.start_rpc_server(spec.device)
+            try:
+                peer.server = await peer.client.start_rpc_server(spec.device)
+            except RbeeError as err:
+                err.message = f"Node '{name}' could not start an RPC server: {err.message}"
+                raise
             peer.endpoint = await self._tunnel(name, peer.server.port)
             yield PhaseDone("rpc", f"{name}: {peer.server.id} on its 127.0.0.1:"
                                    f"{peer.server.port} ({peer.server.free_mb} MB free), "
