@@ -284,11 +284,19 @@ async def cmd_workers_list(args: argparse.Namespace, config: Config, links: Node
         return EXIT_OK
     print_table(["NODE", "ID", "MODEL", "BACKEND", "STATE", "SLOTS FREE", "QUEUED", "TOKENS",
                  "RSS MB", "URL"],
-                ([r["node"], r["id"], r["model_id"], f"{r['backend']}:{r['device']}",
+                ([r["node"], r["id"], r["model_id"] + _split_note(r),
+                  f"{r['backend']}:{r['device']}",
                   r["state"], f"{r['slots_available']}/{r['slots_total']}", r["queued"],
                   r["tokens_served"], r["rss_mb"], r["url"]] for r in rows),
                 empty="no workers")
     return EXIT_OK
+
+
+def _split_note(row: dict[str, Any]) -> str:
+    """A split worker's layers per node (B204), after its model in a listing."""
+    parts = row.get("split") or []
+    return (" (split: " + ", ".join(f"{p['node'] or row['node']} {p['layers']}" for p in parts)
+            + ")") if parts else ""
 
 
 async def cmd_workers_spawn(args: argparse.Namespace, config: Config, links: NodeLinks,

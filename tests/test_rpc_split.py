@@ -91,6 +91,8 @@ def test_b207_spawn_split_holds_the_tunnel_until_ctrl_c(rbee: RbeeEnv, peer: Age
     assert proc.poll() is None, "".join(lines)
     [server] = rpc_servers(peer)
     assert server["clients"] >= 1, "the split worker holds the server through the tunnel"
+    listed = rbee.run("workers", "list", "--node", "localhost")
+    assert "(split: localhost" in listed.stdout, listed.stdout
     listening = [(c.laddr.ip, c.laddr.port) for c in
                  psutil.Process(server["pid"]).net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN]
