@@ -459,9 +459,13 @@ def test_b37_restarted_agent_resumes_from_the_partial_file(
     hub.add_repo("acme/restart", {"m.gguf": model})
     hub.fault("hold", at=0.4)
     first = start_hub_agent("restart")
-    download(first, "hf:acme/restart")
+    job = download(first, "hf:acme/restart")
     hub.held.wait(30)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30  # the agent has read what the hub sent before the hold
+    while first.get(f"/v1/models/download/{job['job_id']}").json()[
+            "bytes_downloaded"] < int(model.size * 0.4):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     first.stop()
     partial = local(first, "acme/restart", "m.gguf.partial")
     kept = partial.stat().st_size

@@ -142,10 +142,11 @@ async def test_b07_stop_waits_then_kills_and_spares_strangers(
     node = ssh_env.node(trusted.port)
     root = fake_install(ssh_env.install, 9)
     stubborn = await asyncio.create_subprocess_exec(sys.executable, "-c", IGNORES_SIGTERM,
-                                                    "rbee_agent")
+                                                    "rbee_agent", stdout=asyncio.subprocess.PIPE)
     stranger = await asyncio.create_subprocess_exec("sleep", "30")
     try:
-        await asyncio.sleep(0.3)  # let it install its SIGTERM handler
+        assert stubborn.stdout is not None
+        assert await stubborn.stdout.readline() == b"ready\n"  # its SIGTERM handler is set
         async with connect(node, fast_settings()) as conn:
             agent = await RemoteAgent.open(conn)
             (root / "agent.pid").write_text(f"{stranger.pid}\n")
@@ -166,7 +167,7 @@ async def test_b07_stop_waits_then_kills_and_spares_strangers(
 
 
 IGNORES_SIGTERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
-                  "time.sleep(30)"
+                  "print('ready', flush=True); time.sleep(30)"
 
 
 def test_b07_systemd_unit_runs_the_agent_from_the_venv() -> None:

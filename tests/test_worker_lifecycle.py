@@ -128,7 +128,9 @@ def test_b46_shutdown_drains_the_active_request_then_exits_0(
         assert r.status_code == 200 and r.json() == {"state": "draining", "active_requests": 1}
     else:
         w.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
+        deadline = time.monotonic() + 10  # the signal is handled on the worker's loop
+        while httpx.get(f"{w.url}/v1/health").json()["state"] != "draining":
+            assert time.monotonic() < deadline
     refused = httpx.post(f"{w.url}/v1/inference", headers=w.headers,
                          json={"prompt": "Hi", "max_tokens": 2})
     assert refused.status_code == 503
