@@ -26,6 +26,8 @@ from rbee_agent.protocol import (
     CatalogEntry,
     LoadingProgress,
     RbeeError,
+    RpcPeer,
+    SplitPart,
     WorkerInfo,
     WorkerState,
 )
@@ -86,6 +88,9 @@ class ManagedWorker:
         # What this worker was admitted with (MiB), for the reservations of later spawns.
         self.ram_need_mb = 0
         self.vram_need_mb: dict[int, int] = {}
+        # A split worker (B204): its layers per node and the RPC servers it uses.
+        self.split: list[SplitPart] = []
+        self.rpc_peers: list[RpcPeer] = []
 
     # ------------------------------------------------------------------ identity
 
@@ -104,6 +109,14 @@ class ManagedWorker:
     @property
     def device(self) -> int:
         return self.placement.devices[0] if self.placement.devices else 0
+
+    def peer_note(self) -> str:
+        """For a split worker's errors: the nodes whose loss ends it (B206)."""
+        if not self.rpc_peers:
+            return ""
+        peers = ", ".join(f"'{p.node}' (RPC {p.endpoint})" for p in self.rpc_peers)
+        return (f"; it is split over node(s) {peers}: an RPC peer or its SSH tunnel was "
+                "lost, or the worker itself failed")
 
     @property
     def alive(self) -> bool:
@@ -187,4 +200,5 @@ class ManagedWorker:
             ctx_size=self.ctx_size, queue_depth=self.queue_depth,
             error=self.failure.to_body().error if self.state == "failed" and self.failure
             else None,
+            split=self.split,
         )

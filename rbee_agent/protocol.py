@@ -478,6 +478,54 @@ class GpuInfo(BaseModel):
     power_w: float | None = None
 
 
+# --------------------------------------------------------------------------- split (B200-B219)
+
+RpcServerState = Literal["starting", "ready", "stopping", "stopped", "failed"]
+
+
+class RpcServerRequest(BaseModel):
+    """`POST /v1/rpc-servers`: serve one device of this node to a split worker (B201)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda[0-9]{1,2})$")
+    threads: int | None = Field(default=None, ge=1, le=256)
+    # The most memory (MiB) this node offers the split; None: what the device has free.
+    mem_mb: int | None = Field(default=None, ge=1)
+
+
+class RpcServerInfo(BaseModel):
+    """One llama.cpp RPC server process. It listens on `127.0.0.1:port` of its node only;
+    `free_mb` is the memory its device offers (RAM for cpu, VRAM for a GPU), in MiB."""
+
+    id: str
+    device: str
+    port: int
+    pid: int | None
+    state: RpcServerState
+    started_at: float
+    free_mb: int | None = None
+    clients: int = 0  # connections a split worker (through its tunnel) holds now
+    error: ErrorDetail | None = None
+
+
+class RpcPeer(BaseModel):
+    """One RPC server a split worker uses: the node it runs on (for messages), the endpoint
+    the head node reaches it at (a tunnel's loopback end), and the memory it offers."""
+
+    node: str = Field(min_length=1, max_length=64)
+    endpoint: str = Field(pattern=r"^127\.0\.0\.1:[0-9]{1,5}$")
+    free_mb: int = Field(ge=0)
+
+
+class SplitPart(BaseModel):
+    """Where a split worker's layers are: `node` (None: the head node itself), how many."""
+
+    node: str | None
+    layers: int
+    endpoint: str | None = None
+
+
 class NodeInfo(BaseModel):
     """`GET /v1/node`: what this machine has and how busy it is (B23). Sizes in MiB."""
 
@@ -500,6 +548,8 @@ class NodeInfo(BaseModel):
     agent_instance_id: str | None = None
     agent_started_at: float | None = None
     gpu_offload: bool | None = None
+    # llama.cpp RPC servers this agent runs for split workers on other nodes (B201).
+    rpc_servers: list[RpcServerInfo] = Field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- models (B35)
@@ -549,6 +599,8 @@ class SpawnRequest(BaseModel):
     devices: list[int] | None = Field(default=None, min_length=1, max_length=16)
     # Start another worker even when an idle or starting one could be handed back (B122).
     new: bool = False
+    # A split worker (B204): these RPC servers take layers beside this node's own.
+    rpc: list[RpcPeer] | None = Field(default=None, min_length=1, max_length=8)
 
     @model_validator(mode="after")
     def _check_gpu_fields(self) -> SpawnRequest:
@@ -590,6 +642,8 @@ class WorkerInfo(BaseModel):
     queue_depth: int | None = None
     # Why a worker is `failed` (kept for a while after it failed to start, B127).
     error: ErrorDetail | None = None
+    # A split worker's layers per node (B204); empty for a worker on one node.
+    split: list[SplitPart] = Field(default_factory=list)
 
 
 class SpawnReply(BaseModel):

@@ -59,7 +59,8 @@ _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 def _worker_gone(worker: ManagedWorker, why: str) -> RbeeError:
     return RbeeError(
         ErrorCode.WORKER_CRASHED,
-        f"Worker {worker.id} ({worker.model.id}) stopped answering mid-request: {why}",
+        f"Worker {worker.id} ({worker.model.id}) stopped answering mid-request: {why}"
+        f"{worker.peer_note()}",
         hint="Spawn the worker again; its log may say why: rbee logs --worker " + worker.id,
         details={"worker_id": worker.id},
     )

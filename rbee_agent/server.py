@@ -34,10 +34,12 @@ from rbee_agent.openai.routes import answer_route_errors, openai_router
 from rbee_agent.openai.wire import ChatCompletionRequest, CompletionRequest
 from rbee_agent.protocol import (
     DownloadRequest,
+    RpcServerRequest,
     SpawnRequest,
     WorkerReadyCallback,
 )
 from rbee_agent.routes import health, logs, models, node, require_key, workers
+from rbee_agent.routes import rpc as rpc_routes
 from rbee_agent.settings import AgentSettings
 from rbee_agent.supervisor import Supervisor
 
@@ -99,6 +101,7 @@ def create_app(
     for area in (node.router, workers.router, models.router, logs.router,
                  openai_router(supervisor, settings)):
         app.include_router(area, dependencies=[Depends(require_key)])
+    app.include_router(rpc_routes.router, dependencies=[Depends(require_key)])
     app.include_router(metrics_router(app.state.metrics, settings))
     return app
 
@@ -108,7 +111,8 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     _, defs = models_json_schema(
         [(m, "validation") for m in (SpawnRequest, DownloadRequest, WorkerReadyCallback,
-                                     ChatCompletionRequest, CompletionRequest)],
+                                     ChatCompletionRequest, CompletionRequest,
+                                     RpcServerRequest)],
         ref_template="#/components/schemas/{model}",
     )
     schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))

@@ -111,6 +111,9 @@ class AgentSettings(BaseSettings):
     idle_check_s: float = Field(default=5.0, gt=0)
     stop_grace_s: float = Field(default=30.0, gt=0)
     start_timeout_s: float = Field(default=300.0, gt=0)
+    rpc_unused_stop_s: float = Field(default=120.0, gt=0,
+                                     description="an RPC server no split worker has been "
+                                     "connected to for this long is stopped (B209)")
     failed_kept_s: float = Field(default=600.0, ge=0,
                                  description="how long a worker that failed to start stays "
                                  "answerable as state 'failed'")

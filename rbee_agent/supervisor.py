@@ -60,7 +60,9 @@ from rbee_agent.protocol import (
     iter_sse_data,
 )
 from rbee_agent.provision import Plan, split_parts
+from rbee_agent.rpc_servers import RpcServers
 from rbee_agent.settings import AgentSettings
+from rbee_agent.split_placement import admit_split
 from rbee_agent.worker_launch import LaunchSpec, worker_command, worker_env
 
 log = logging.getLogger("rbee.agent")
@@ -82,6 +84,7 @@ class Supervisor:
         self._closing = False
         self._worker_log_dir = settings.log_dir / "workers"
         self.downloads = DownloadManager(settings, catalog)
+        self.rpc = RpcServers(settings)  # llama.cpp RPC servers for split workers (B201)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -89,6 +92,7 @@ class Supervisor:
         self._worker_log_dir.mkdir(parents=True, exist_ok=True)
         self._background(self._health_loop())
         self._background(self._idle_loop())
+        self._background(self.rpc.reap_unused(self.settings.idle_check_s))
 
     def _background(
         self, coro: Coroutine[Any, Any, Any], owner: ManagedWorker | None = None
@@ -107,6 +111,7 @@ class Supervisor:
         if workers:
             log.info("stopping %d worker(s)", len(workers))
         await asyncio.gather(*(self._stop(w) for w in workers), return_exceptions=True)
+        await self.rpc.shutdown()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -217,15 +222,19 @@ class Supervisor:
         async with self._spawn_lock:
             self._check_open()
             reference = model.reference
-            same = None if request.new else self._same_intent(request, reference)
+            same = (None if request.new or request.rpc
+                    else self._same_intent(request, reference))
             if same is not None:
                 how = "joins the start of" if same.state == "loading" else "reuses idle"
                 log.info("spawn of %s %s worker %s", reference, how, same.id)
                 same.last_activity = time.time()
                 return SpawnReply(worker=same.info(), reused=True)
             entry = _provisional(model) if isinstance(model, Plan) else model
-            admission = await asyncio.to_thread(self._admit, request, entry, None)
-            worker = self._new_worker(request, entry, admission)
+            if request.rpc:
+                worker = await self._new_split_worker(request, model)
+            else:
+                admission = await asyncio.to_thread(self._admit, request, entry, None)
+                worker = self._new_worker(request, entry, admission)
             if isinstance(model, Plan):
                 return self._spawn_after_download(worker, request, model)
             try:
@@ -237,6 +246,8 @@ class Supervisor:
 
     def _same_intent(self, request: SpawnRequest, reference: str) -> ManagedWorker | None:
         for worker in self.workers.values():
+            if worker.split:
+                continue  # a split worker serves only the split that asked for it (B204)
             if worker.state in ("loading", "idle") and _matches(worker, request, reference):
                 return worker
         return None
@@ -272,6 +283,23 @@ class Supervisor:
             lines_kept=self.settings.worker_log_lines_kept,
         )
         _admitted(worker, admission)
+        return worker
+
+    async def _new_split_worker(self, request: SpawnRequest, model: CatalogEntry | Plan
+                                ) -> ManagedWorker:
+        """A worker whose last layers run on RPC servers of other nodes (B204)."""
+        if isinstance(model, Plan):
+            raise RbeeError(
+                ErrorCode.INVALID_REQUEST,
+                f"{model.reference} is not on the head node yet; a split needs it there",
+                hint="Download it first: rbee models download --node NODE --model REF.",
+                details={"model_ref": request.model_ref})
+        admission, parts = await asyncio.to_thread(
+            admit_split, request, model, self.settings, self._reserved(None))
+        worker = self._new_worker(request, model, admission)
+        worker.split, worker.rpc_peers = parts, list(request.rpc or [])
+        log.info("worker %s splits %s: %s", worker.id, model.id, ", ".join(
+            f"{p.node or 'here'} {p.layers}" for p in parts))
         return worker
 
     def _spawn_after_download(self, worker: ManagedWorker, request: SpawnRequest,
@@ -334,6 +362,7 @@ class Supervisor:
             worker_id=worker.id, model_path=worker.model.local_path, host=worker.host,
             port=worker.port, backend=worker.backend, ctx_size=worker.ctx_size,
             slots=worker.slots_total, placement=worker.placement,
+            rpc=tuple(p.endpoint for p in worker.rpc_peers),
         )
         worker.proc = await asyncio.create_subprocess_exec(
             *worker_command(spec, self.settings), stdin=asyncio.subprocess.DEVNULL,
@@ -413,9 +442,19 @@ class Supervisor:
             failure = RbeeError(
                 ErrorCode.WORKER_START_FAILED,
                 f"Worker {worker.id} for {worker.model.id} exited with code {code} while "
-                f"starting: {tail[-1] if tail else 'no output'}",
+                f"starting: {tail[-1] if tail else 'no output'}{worker.peer_note()}",
                 hint="See the worker log: rbee logs --node NAME --worker " + worker.id,
                 details={"exit_code": code, "last_lines": tail, "worker_id": worker.id},
+            )
+        if failure is None and not expected and worker.split:
+            failure = RbeeError(
+                ErrorCode.WORKER_CRASHED,
+                f"Split worker {worker.id} for {worker.model.id} exited with code {code}"
+                f"{worker.peer_note()}",
+                hint="Spawn the split again once every node answers; see the worker log: "
+                     "rbee logs --worker " + worker.id,
+                details={"exit_code": code, "last_lines": tail, "worker_id": worker.id,
+                         "split": [p.model_dump() for p in worker.split]},
             )
         final = "failed" if failure is not None or not expected else worker.state
         self._retire(worker, final, failure)

@@ -41,13 +41,13 @@ class LaunchSpec:
     ctx_size: int
     slots: int
     placement: Placement
+    rpc: tuple[str, ...] = ()  # a split worker's RPC servers (B204)
 
 
 def worker_env(api_key: str, backend: str, placement: Placement,
                source: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a worker process, built from an allow-list."""
-    environ = os.environ if source is None else source
-    env = {name: value for name, value in environ.items() if _allowed(name)}
+    env = allowed_env(source)
     env[API_KEY_ENV] = api_key
     env["PYTHONUNBUFFERED"] = "1"
     if backend == "cuda":
@@ -56,6 +56,12 @@ def worker_env(api_key: str, backend: str, placement: Placement,
         env["CUDA_VISIBLE_DEVICES"] = visible
         env["HIP_VISIBLE_DEVICES"] = visible  # a ROCm build of llama.cpp reads this one
     return env
+
+
+def allowed_env(source: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The allow-listed slice of the agent's environment a child process may see."""
+    environ = os.environ if source is None else source
+    return {name: value for name, value in environ.items() if _allowed(name)}
 
 
 def _allowed(name: str) -> bool:
@@ -80,7 +86,9 @@ def worker_command(spec: LaunchSpec, settings: AgentSettings) -> list[str]:
         cmd += ["--threads", str(settings.worker_threads)]
     cmd += ["--queue-depth", str(settings.worker_queue_depth),
             "--queue-timeout", str(settings.worker_queue_timeout_s)]
-    if gpu:
+    if spec.rpc:
+        cmd += ["--rpc", ",".join(spec.rpc)]
+    if gpu or spec.rpc:
         cmd += ["--gpu-layers", str(spec.placement.gpu_layers)]
         if len(spec.placement.tensor_split) > 1:
             cmd += ["--tensor-split", ",".join(f"{s:.4g}" for s in spec.placement.tensor_split)]

@@ -87,6 +87,14 @@ def build_parser() -> Parser:
     return p
 
 
+def _split(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default=None, metavar="HEAD,NODE[,…]",
+                   help="split the model's layers over these nodes (llama.cpp RPC through "
+                   "SSH); the first runs the worker. Stays in the foreground: Ctrl-C ends it")
+    p.add_argument("--rpc-device", default="cpu", metavar="cpu|cudaN",
+                   help="what each other node of --split serves (default: cpu)")
+
+
 def _infer(sub: argparse._SubParsersAction[Parser]) -> None:
     infer = sub.add_parser("infer", help="run one prompt on a node")
     _node(infer)
@@ -113,6 +121,7 @@ def _infer(sub: argparse._SubParsersAction[Parser]) -> None:
                        help="sampling seed: the same seed and settings give the same text")
     infer.add_argument("--stop", action="append", default=[], metavar="TEXT",
                        help="stop when the reply contains TEXT (repeatable)")
+    _split(infer)
     _json(infer)
     infer.set_defaults(handler="infer")
 
@@ -196,6 +205,7 @@ def _workers(sub: argparse._SubParsersAction[Parser]) -> None:
                        help="requests served at once (default: the agent's)")
     spawn.add_argument("--new", action="store_true",
                        help="start another worker even when one could be handed back")
+    _split(spawn)
     _json(spawn)
     spawn.set_defaults(handler="workers_spawn")
     stop = acts.add_parser("stop", help="stop a worker (its running requests finish first)")

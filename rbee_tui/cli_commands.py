@@ -12,7 +12,7 @@ import sys
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rbee_agent.protocol import ChatMessage, ErrorCode, RbeeError
 from rbee_tui.cli_output import (
@@ -34,6 +34,9 @@ from rbee_tui.config import (
 from rbee_tui.events import Event, Finished
 from rbee_tui.links import NodeLinks
 from rbee_tui.ops import nodes as node_ops
+
+if TYPE_CHECKING:
+    from rbee_tui.orchestrator import InferenceSpec
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -105,21 +108,31 @@ async def drive(flow: AsyncIterator[Event], printer: EventPrinter) -> Finished:
 
 async def cmd_infer(args: argparse.Namespace, config: Config, links: NodeLinks,
                     printer: EventPrinter) -> int:
-    from rbee_tui.orchestrator import InferenceSpec, run_inference
+    from rbee_tui.orchestrator import run_inference
+
+    if args.split:  # B208: spawn a split worker, infer, end the split
+        from rbee_tui.cli_split import cmd_infer_split
+
+        return await cmd_infer_split(args, config, links, printer)
+    spec = inference_spec(args, args.node)
+    finished = await drive(run_inference(spec, config, links.open), printer)
+    if args.json:
+        print_json({"node": args.node, "model": args.model, **finished.data})
+    return EXIT_OK
+
+
+def inference_spec(args: argparse.Namespace, node: str) -> InferenceSpec:
+    from rbee_tui.orchestrator import InferenceSpec
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    spec = InferenceSpec(
-        node=args.node, model_ref=args.model, max_tokens=args.max_tokens,
+    return InferenceSpec(
+        node=node, model_ref=args.model, max_tokens=args.max_tokens,
         temperature=args.temperature, top_p=args.top_p, backend=args.backend,
         device=args.device, seed=args.seed, stop=args.stop,
         prompt=prompt if args.raw else None,
         messages=None if args.raw else [ChatMessage(role="user", content=prompt)],
         plain_fallback=None if args.raw else prompt,
     )
-    finished = await drive(run_inference(spec, config, links.open), printer)
-    if args.json:
-        print_json({"node": args.node, "model": args.model, **finished.data})
-    return EXIT_OK
 
 
 # ------------------------------------------------------------------------ nodes
@@ -271,11 +284,19 @@ async def cmd_workers_list(args: argparse.Namespace, config: Config, links: Node
         return EXIT_OK
     print_table(["NODE", "ID", "MODEL", "BACKEND", "STATE", "SLOTS FREE", "QUEUED", "TOKENS",
                  "RSS MB", "URL"],
-                ([r["node"], r["id"], r["model_id"], f"{r['backend']}:{r['device']}",
+                ([r["node"], r["id"], r["model_id"] + _split_note(r),
+                  f"{r['backend']}:{r['device']}",
                   r["state"], f"{r['slots_available']}/{r['slots_total']}", r["queued"],
                   r["tokens_served"], r["rss_mb"], r["url"]] for r in rows),
                 empty="no workers")
     return EXIT_OK
+
+
+def _split_note(row: dict[str, Any]) -> str:
+    """A split worker's layers per node (B204), after its model in a listing."""
+    parts = row.get("split") or []
+    return (" (split: " + ", ".join(f"{p['node'] or row['node']} {p['layers']}" for p in parts)
+            + ")") if parts else ""
 
 
 async def cmd_workers_spawn(args: argparse.Namespace, config: Config, links: NodeLinks,
@@ -283,6 +304,10 @@ async def cmd_workers_spawn(args: argparse.Namespace, config: Config, links: Nod
     from rbee_tui.cli import UsageError
     from rbee_tui.ops import workers as worker_ops
 
+    if args.split:  # B208: a split worker, held in the foreground
+        from rbee_tui.cli_split import cmd_spawn_split
+
+        return await cmd_spawn_split(args, config, links, printer)
     try:
         gpu_layers = worker_ops.parse_gpu_layers(args.gpu_layers or "")
     except ValueError as exc:

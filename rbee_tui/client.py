@@ -35,6 +35,8 @@ from rbee_agent.protocol import (
     ModelsReply,
     NodeInfo,
     RbeeError,
+    RpcServerInfo,
+    RpcServerRequest,
     SpawnReply,
     SpawnRequest,
     WorkerInfo,
@@ -289,6 +291,21 @@ class AgentClient:
         reply = await self.request("DELETE", f"/v1/workers/{worker_id}",
                                    timeout=self.settings.worker_stop_timeout_s)
         return self.parse(WorkerInfo, reply.content)
+
+    async def start_rpc_server(self, device: str = "cpu") -> RpcServerInfo:
+        """A llama.cpp RPC server on the node's loopback, for a split worker (B201)."""
+        reply = await self.request("POST", "/v1/rpc-servers",
+                                   content=RpcServerRequest(device=device).model_dump_json(),
+                                   timeout=self.settings.loading_timeout_s)
+        return self.parse(RpcServerInfo, reply.content)
+
+    async def rpc_server(self, server_id: str) -> RpcServerInfo:
+        return await self.get_model(f"/v1/rpc-servers/{server_id}", RpcServerInfo)
+
+    async def stop_rpc_server(self, server_id: str) -> RpcServerInfo:
+        reply = await self.request("DELETE", f"/v1/rpc-servers/{server_id}",
+                                   timeout=self.settings.worker_stop_timeout_s)
+        return self.parse(RpcServerInfo, reply.content)
 
     async def progress(self, worker_id: str) -> AsyncIterator[LoadingProgress]:
         async for data in self.sse("GET", f"/v1/workers/{worker_id}/progress"):

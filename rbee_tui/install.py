@@ -178,9 +178,11 @@ class _Steps:
 
     def cuda_command(self, nvcc: str) -> str:
         """pip builds llama-cpp-python from source with CUDA on (the version rbee pins),
-        replacing a CPU build; -v streams cmake's output, whose [ NN%] lines are progress."""
+        replacing a CPU build; -v streams cmake's output, whose [ NN%] lines are progress.
+        RPC on too, so the node can serve its GPU to a split worker (B200)."""
         pip = f"{shlex.quote(self.layout.python)} -m pip --disable-pip-version-check --no-input"
-        return (f"CMAKE_ARGS=-DGGML_CUDA=on CUDACXX={shlex.quote(nvcc)} FORCE_CMAKE=1 "
+        return (f"CMAKE_ARGS='-DGGML_CUDA=on -DGGML_RPC=on' CUDACXX={shlex.quote(nvcc)} "
+                "FORCE_CMAKE=1 "
                 f"{pip} install -v --progress-bar off --no-cache-dir --force-reinstall "
                 f"--no-deps --no-binary llama-cpp-python {shlex.quote(llama_requirement())}")
 

@@ -24,6 +24,7 @@ from rbee_tui.events import Attempt, Event, Finished, Note, PhaseDone
 
 if TYPE_CHECKING:
     from rbee_tui.client import AgentClient
+    from rbee_tui.ssh_conn import SshConnection
 
 Reporter = Callable[[Event], None]
 
@@ -127,6 +128,21 @@ class NodeLinks:
         else:
             url = await forward.url()
         return url
+
+    async def ssh_connection(self, name: str) -> SshConnection:
+        """The SSH connection of an SSH node's agent link, opened if need be; split workers
+        tunnel their RPC traffic over it (B207)."""
+        node = self.config.node(name)
+        if node.transport != "ssh":
+            raise RbeeError(
+                ErrorCode.INVALID_REQUEST,
+                f"Node '{name}' is not reached over SSH, so rbee cannot tunnel to it",
+                hint="A split uses localhost and SSH nodes; add the node with --ssh-host.",
+                details={"node": name, "transport": node.transport})
+        await self._forward_url(node)
+        conn = self._forwards[name].connection
+        assert conn is not None
+        return conn  # type: ignore[no-any-return]
 
     def suspect(self, name: str) -> None:
         """A request through this node's link failed; the next open re-checks the link."""

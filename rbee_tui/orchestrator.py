@@ -275,6 +275,9 @@ async def _recover(err: RbeeError, reply: _Reply, client: AgentClient,
     raise err
 
 
+stream_on = _stream  # the generation phase alone, on a worker the caller already has
+
+
 async def _with_stall_timeout(
     stream: AsyncIterator[dict[str, object]], stall_s: float
 ) -> AsyncIterator[dict[str, object]]:

@@ -522,6 +522,15 @@ class SshConnection:
         self._listeners.append(listener)
         return listener.get_port()
 
+    async def forward_back(self, local_port: int) -> int:
+        """Listen on a free 127.0.0.1 port of the node; connections come back over this
+        connection to 127.0.0.1:local_port here. Returns the node's port (B207)."""
+        with self._errors(f"Forwarding the node's loopback back to port {local_port}"):
+            listener = await self._conn.forward_remote_port("127.0.0.1", 0,
+                                                            "127.0.0.1", local_port)
+        self._listeners.append(listener)
+        return listener.get_port()
+
 
 # ------------------------------------------------------------------ node facts
 

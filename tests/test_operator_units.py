@@ -204,7 +204,8 @@ def test_b149_cuda_build_command_line() -> None:
     steps = _Steps.__new__(_Steps)
     steps.layout = AgentLayout("/home/u/rbee agent", 9200)
     command = steps.cuda_command("/usr/local/cuda/bin/nvcc")
-    assert command.startswith("CMAKE_ARGS=-DGGML_CUDA=on CUDACXX=/usr/local/cuda/bin/nvcc "
+    assert command.startswith("CMAKE_ARGS='-DGGML_CUDA=on -DGGML_RPC=on' "
+                              "CUDACXX=/usr/local/cuda/bin/nvcc "
                               "FORCE_CMAKE=1 '/home/u/rbee agent/venv/bin/python' -m pip")
     for part in ("install -v", "--no-cache-dir", "--force-reinstall", "--no-deps",
                  "--no-binary llama-cpp-python", llama_requirement()):

@@ -55,6 +55,7 @@ class EngineConfig:
     tensor_split: tuple[float, ...] | None = None
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     prefix_reuse: Reuse | None = None  # None: any prefix on the CPU, whole chunks on a GPU
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC servers (host:port) that take gpu_layers (B202)
 
 
 class Engine:
@@ -74,7 +75,7 @@ class Engine:
     def gpu_layers(self) -> int:
         """Layers llama.cpp was asked to offload, as a count of `layers_total` (0 on cpu)."""
         requested = self.config.gpu_layers
-        if self.config.backend == "cpu" or requested == 0:
+        if (self.config.backend == "cpu" and not self.config.rpc) or requested == 0:
             return 0
         if requested is None or requested < 0:
             return self.layers_total
@@ -116,6 +117,8 @@ class Engine:
             main_gpu=cfg.device, tensor_split=cfg.tensor_split,
         )
         try:
+            if cfg.rpc:
+                native.add_rpc_servers(cfg.rpc)
             self.model = native.Model(cfg.model_path, placement, on_fraction)
         except native.LoadAborted:
             raise RbeeError(ErrorCode.MODEL_LOAD_FAILED,

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "GPU backend)")
     p.add_argument("--tensor-split", default=None, type=_tensor_split,
                    help="share of the model per visible GPU, e.g. 3,1 (llama.cpp's layer split)")
+    p.add_argument("--rpc", default=None, type=_endpoints,
+                   help="llama.cpp RPC servers host:port[,host:port] whose devices take "
+                   "--gpu-layers layers, before this node's own (a split worker, B202)")
     p.add_argument("--prefill-chunk", default=DEFAULT_PREFILL_CHUNK, type=int,
                    help="prompt tokens read per step beside the running streams")
     p.add_argument("--prefix-reuse", default=None, choices=[r.value for r in Reuse],
@@ -70,6 +73,17 @@ def _tensor_split(text: str) -> tuple[float, ...]:
     if any(not share >= 0 for share in shares) or not any(shares):
         raise argparse.ArgumentTypeError(f"{text!r}: shares must be ≥ 0 and not all 0")
     return shares
+
+
+def _endpoints(text: str) -> tuple[str, ...]:
+    parts = tuple(part.strip() for part in text.split(",") if part.strip())
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise argparse.ArgumentTypeError(f"{part!r} is not host:port")
+    if not parts:
+        raise argparse.ArgumentTypeError("give at least one host:port")
+    return parts
 
 
 def _check_numbers(args: argparse.Namespace) -> str | None:
@@ -99,7 +113,7 @@ def _check_backend(backend: str, tensor_split: tuple[float, ...] | None) -> None
             f"{native.max_devices()} devices",
         )
     if backend == "cpu":
-        return
+        return  # a split worker's RPC devices are checked when they are added
     if not native.supports_gpu_offload():
         raise RbeeError(
             "BACKEND_UNAVAILABLE",
@@ -137,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             model_path=model, backend=args.backend, device=args.device,
             ctx_size=args.ctx_size, threads=args.threads, slots=args.slots,
             gpu_layers=args.gpu_layers, tensor_split=args.tensor_split,
-            prefill_chunk=args.prefill_chunk,
+            prefill_chunk=args.prefill_chunk, rpc=args.rpc or (),
             prefix_reuse=Reuse(args.prefix_reuse) if args.prefix_reuse else None,
         ))
     except RbeeError as err:

@@ -51,6 +51,15 @@ def init_backend() -> None:
             _backend_initialised = True
 
 
+def add_rpc_servers(endpoints: Sequence[str]) -> None:
+    """A split worker's RPC servers become devices ahead of this node's own (B202)."""
+    init_backend()
+    from rbee_agent import rpc_native
+
+    rpc_native.add_servers(list(endpoints))
+    log.info("llama.cpp devices: %s", ", ".join(rpc_native.device_names()))
+
+
 def supports_gpu_offload() -> bool:
     return bool(C.llama_supports_gpu_offload())
 

@@ -14,6 +14,7 @@ from rbee_agent.protocol import (
     ErrorBody,
     ErrorCode,
     RbeeError,
+    RpcPeer,
     SpawnRequest,
     WorkerInfo,
 )
@@ -35,6 +36,7 @@ class SpawnSpec:
     ctx_size: int | None = None
     slots: int | None = None
     gpu_layers: int | Literal["auto"] | None = None
+    rpc: tuple[RpcPeer, ...] = ()  # a split worker's RPC servers, tunnelled (B204)
 
 
 def validate_spawn(spec: SpawnSpec, config: Config) -> None:
@@ -75,7 +77,8 @@ async def spawn_events(client: AgentClient, spec: SpawnSpec, settings: OperatorS
     yield PhaseStarted("spawn", f"Starting a {backend} worker for {spec.model_ref}")
     reply = await client.spawn(SpawnRequest(
         model_ref=spec.model_ref, backend=backend, device=spec.device, new=spec.new,
-        ctx_size=spec.ctx_size, slots=spec.slots, gpu_layers=spec.gpu_layers))
+        ctx_size=spec.ctx_size, slots=spec.slots, gpu_layers=spec.gpu_layers,
+        rpc=list(spec.rpc) or None))
     worker = reply.worker
     if reply.reused:
         yield PhaseDone("spawn", f"handed back the existing {worker.state} worker {worker.id} "
