@@ -331,19 +331,23 @@ def _start(settings: OperatorSettings, config: Path, key: str, port: int,
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True, env=env)
+    # Recorded at once, not once it answers: if this process dies while the agent starts
+    # (a closed terminal), `rbee nodes stop localhost` still finds the agent it left.
+    pid_file().write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + settings.agent_start_timeout_s
     while time.monotonic() < deadline:
         answer = identify(_url(port), key, timeout=1.0)
         exited = proc.poll() is not None
         if isinstance(answer, NodeInfo) and answer.agent_pid in (None, proc.pid) and not exited:
-            pid_file().write_text(f"{proc.pid}\n")
             return LocalAgent(_url(port), key, proc.pid, started_here=True,
                               instance_id=answer.agent_instance_id, note=note)
         if exited:
+            pid_file().unlink(missing_ok=True)
             raise _start_failed(proc.returncode, log_path, port, answer)
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGTERM)
+    pid_file().unlink(missing_ok=True)
     raise RbeeError(
         ErrorCode.AGENT_UNREACHABLE,
         f"The local agent did not answer at {_url(port)} within "

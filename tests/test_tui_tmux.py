@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+import psutil
 import pytest
 
 from tests.cli_support import RbeeEnv
@@ -41,6 +42,14 @@ def tmux(rbee: RbeeEnv) -> Iterator[Callable[..., str]]:
 
     yield screen
     subprocess.run(["tmux", "kill-session", "-t", session], check=False)
+    # The dashboard may be killed while the agent it started is still starting: the agent
+    # must be findable (its pid recorded at once) so that stopping this config's agent
+    # leaves none behind.
+    rbee.stop_local_agent()
+    left = [p.pid for p in psutil.process_iter(["cmdline"])
+            if str(rbee.home) in " ".join(p.info["cmdline"] or []) and "rbee_agent" in
+            " ".join(p.info["cmdline"] or [])]
+    assert not left, f"agents left running for this config: {left}"
 
 
 def wait_screen(screen: Callable[..., str], needle: str, timeout: float = 60) -> str:
