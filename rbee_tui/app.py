@@ -1,4 +1,4 @@
-"""`rbee` with no arguments: the full-screen dashboard (B70-B79, B160-B179).
+"""`rbee` with no arguments: the full-screen dashboard (B70-B79, B160-B176).
 
 The app owns polling (one worker per node, never overlapping, paused while a modal is open)
 and feeds each snapshot to the `Fleet`, which screens subscribe to. Screens ask the app for
@@ -24,7 +24,7 @@ from textual.worker import Worker, WorkerState
 
 from rbee_agent.protocol import RbeeError
 from rbee_tui.config import Config, Node, save_config
-from rbee_tui.events import Event, Finished
+from rbee_tui.events import Event, Finished, Note
 from rbee_tui.fleet import Fleet
 from rbee_tui.links import NodeLinks
 from rbee_tui.messages import OpenChat, PollNow
@@ -67,6 +67,8 @@ class RbeeApp(App[None]):
         self.config = config
         self.source = source
         self.links = links
+        if links is not None and links.report is None:
+            links.report = self._link_note
         self.poll_enabled = poll
         self.save_theme = save_theme
         self.fleet = Fleet(config, source, self, frame_s=config.settings.dashboard_frame_s,
@@ -405,12 +407,20 @@ class RbeeApp(App[None]):
 
     async def _drain(self, flow: AsyncIterator[Event]) -> str:
         """Run an operation for its outcome: the message of its Finished (said only once
-        the agent proved it is the one asked for, B140)."""
+        the agent proved it is the one asked for, B140); its notes as notifications."""
         message = ""
         async for event in flow:
             if isinstance(event, Finished):
                 message = event.message
+            else:
+                self._link_note(event)
         return message
+
+    def _link_note(self, event: Event) -> None:
+        """A note no dialog is there to show (a poll found the local agent's port moved):
+        a notification, so it is not lost (B177). Other steps of a poll stay quiet."""
+        if isinstance(event, Note):
+            self.notify(event.message, title="Note")
 
     # ------------------------------------------------------------------ workers (B74)
 

@@ -2,7 +2,7 @@
 
 `$RBEE_CONFIG` names the file; otherwise `<XDG config>/rbee/config.toml`. It is written
 atomically (temp file + rename) with mode 0600 because it holds agents' API keys. Every
-number the operator side uses lives in `OperatorSettings` (DESIGN principle 5).
+number the operator side uses lives in `OperatorSettings` (principle 5).
 
 `localhost` is always a node: it is implied when the file does not list it, and it can be
 tuned (agent port, key) by adding a `[nodes.localhost]` table.

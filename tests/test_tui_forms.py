@@ -15,6 +15,7 @@ from rbee_tui.events import (
     Event,
     Finished,
     HostKeyUnknown,
+    Note,
     OutputLine,
     PhaseDone,
     PhaseStarted,
@@ -27,7 +28,7 @@ from rbee_tui.screens.download import DownloadScreen
 from rbee_tui.screens.install import InstallScreen
 from rbee_tui.screens.node_form import NodeFormScreen
 from rbee_tui.screens.spawn import SpawnScreen
-from rbee_tui.widgets.event_log import EventLog, describe, describe_error
+from rbee_tui.widgets.event_log import EventLog, describe, describe_error, status_line
 from tests.tui_support import Notifications, fill, make_app, until, wait_for_workers
 
 SIZE = (120, 36)
@@ -41,6 +42,7 @@ def test_b162_one_description_per_event_kind() -> None:
         Attempt("ssh", 1, 3, error, retry_in_s=0.2), Attempt("ssh", 3, 3, None),
         OutputLine("install", "Successfully installed rbee-0.1.0"),
         HostKeyUnknown("10.0.0.2", 22, "ssh-ed25519", FINGERPRINT), Queued(3),
+        Note("download", "attempt 2/6: connection reset, resuming at 41.2 MB in 0.4 s"),
         Finished("Agent 0.1.0 installed on gpu2 and healthy")]}
     plain = {k: v.plain if v is not None else None for k, v in lines.items()}
     assert plain["PhaseStarted"] == "→ Connecting to gpu2"
@@ -49,6 +51,10 @@ def test_b162_one_description_per_event_kind() -> None:
     assert plain["OutputLine"] == "    Successfully installed rbee-0.1.0"
     assert FINGERPRINT in (plain["HostKeyUnknown"] or "")
     assert plain["Queued"] == "  queued, 3 ahead"
+    assert plain["Note"] == "  · attempt 2/6: connection reset, resuming at 41.2 MB in 0.4 s"
+    assert status_line(Note("agent", "the agent of node 'gpu2' does not answer: starting it "
+                                     "over SSH")) == ("the agent of node 'gpu2' does not "
+                                                      "answer: starting it over SSH")
     assert plain["Finished"] == "✓ Agent 0.1.0 installed on gpu2 and healthy"
     retry = describe(Attempt("ssh", 1, 3, error, retry_in_s=0.2))
     assert retry is not None and retry.plain == (
@@ -135,16 +141,32 @@ async def test_b174_models_dialog_adds_a_file_on_the_node() -> None:
         {"model_ref": "file:///srv/models/mine.gguf"}]
 
 
+async def download(pilot: Any, ref: str) -> DownloadScreen:
+    """Open the models dialog of gpu1, ask for `ref`, and wait until the download ended."""
+    await fill(pilot.app, pilot.app.source, 1)
+    await pilot.press("j", "m")
+    await wait_for_workers(pilot, "models")
+    await pilot.press("n", *ref, "enter")
+    await wait_for_workers(pilot, "download")
+    dialog = pilot.app.screen
+    assert isinstance(dialog, DownloadScreen)
+    return dialog
+
+
+async def test_b177_download_retries_and_resumes_show_in_the_dialog() -> None:
+    app, _ = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        dialog = await download(pilot, "hf:bees/flaky-GGUF")
+        lines = dialog.query_one(EventLog).plain
+        assert "  · attempt 2/3: connection reset, resuming at 25.0 MB in 0.4 s" in lines
+        assert "  · attempt 3/3: checksum mismatch on tiny.gguf, fetching it again" in lines
+        assert lines[-1] == "✗ tiny.gguf failed 3 times"
+
+
 async def test_b174_b163_a_failed_download_stops_its_bar_and_shows_the_whole_error() -> None:
-    app, source = make_app()
+    app, _ = make_app()
     async with app.run_test(size=(80, 24)) as pilot:
-        await fill(app, source, 1)
-        await pilot.press("j", "m")
-        await wait_for_workers(pilot, "models")
-        await pilot.press("n", *"hf:bees/missing-GGUF", "enter")
-        await wait_for_workers(pilot, "download")
-        dialog = app.screen
-        assert isinstance(dialog, DownloadScreen)
+        dialog = await download(pilot, "hf:bees/missing-GGUF")
         assert not dialog.query_one(ProgressBar).display, "no bar moves after a failure"
         log = dialog.query_one(EventLog)
         text = "\n".join(log.plain)
