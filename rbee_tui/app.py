@@ -368,11 +368,13 @@ class RbeeApp(App[None]):
         if node.is_local:
             self.notify("localhost runs the agent from this installation.", severity="warning")
             return
-        self.push_screen(InstallScreen(self.config, node), self._installed)
+        info = self.fleet.snapshot(node.name).info
+        self.push_screen(InstallScreen(self.config, node, info), self._installed)
 
     def _installed(self, node: Node | None) -> None:
+        """The install saved the node's key itself (ops.nodes.install): poll it now."""
         if node is not None:
-            self._node_saved(node)
+            self.poll_now(node.name)
 
     def action_toggle_agent(self) -> None:
         name = self.selected_node()

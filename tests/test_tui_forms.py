@@ -1,4 +1,4 @@
-"""B162, B163, B173, B174: forms that behave, and one event log for every flow."""
+"""B162, B163, B173, B174, B177, B178: forms that behave, and one event log for every flow."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from textual import events
 from textual.widgets import Input, Label, ProgressBar, Static
 
 from rbee_agent.protocol import RbeeError
+from rbee_tui.config import load_config
 from rbee_tui.events import (
     Attempt,
     Event,
@@ -177,27 +178,40 @@ async def test_b174_b163_a_failed_download_stops_its_bar_and_shows_the_whole_err
         assert "private repos need HF_TOKEN on the node." in rendered  # wrapped, whole
 
 
+def scripted_install(monkeypatch: pytest.MonkeyPatch, long_line: str
+                     ) -> list[dict[str, Any]]:
+    """The SSH install replaced by its events; returns the arguments of each call."""
+    calls: list[dict[str, Any]] = []
+
+    async def install(node: Any, settings: Any, **kwargs: Any) -> AsyncIterator[Event]:
+        calls.append(kwargs)
+        yield PhaseStarted("install", "Installing the agent into ~/.local/share/rbee-agent")
+        yield OutputLine("install", long_line)
+        if kwargs.get("backend") == "cuda":
+            yield Note("cuda", "llama.cpp on the node already offloads to the GPU: no rebuild")
+        yield Finished("Agent 0.1.0 installed on lab-a100 at ~/.local/share/rbee-agent, "
+                       "started (pid 4242, systemd user unit rbee-agent.service) and healthy "
+                       "on 127.0.0.1:9200", {"agent_version": "0.1.0", "api_key": "k"})
+
+    monkeypatch.setattr("rbee_tui.ssh.install_agent", install)
+    return calls
+
+
 async def test_b163_install_log_and_summary_wrap_and_the_dialog_turns_into_the_result(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     long_line = ("Collecting llama-cpp-python==0.3.36 (from rbee==0.1.0) Using cached "
                  "llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl (4.2 MB) from the "
                  "wheel cache under ~/.cache/rbee/wheels")
-
-    async def install(node: Any, settings: Any, api_key: Any = None) -> AsyncIterator[Event]:
-        yield PhaseStarted("install", "Installing the agent into ~/.local/share/rbee-agent")
-        yield OutputLine("install", long_line)
-        yield Finished("Agent 0.1.0 installed on lab-a100 at ~/.local/share/rbee-agent, "
-                       "started (pid 4242, systemd user unit rbee-agent.service) and healthy "
-                       "on 127.0.0.1:9200", {"agent_version": "0.1.0", "api_key": "k"})
-
-    monkeypatch.setattr("rbee_tui.ssh.install_agent", install)
+    calls = scripted_install(monkeypatch, long_line)
     app, source = make_app()
     async with app.run_test(size=(80, 24)) as pilot:
         await fill(app, source, 1)
         await pilot.press("G", "i")
         dialog = app.screen
         assert isinstance(dialog, InstallScreen)
+        assert dialog.focused is dialog.query_one("#install-cpu"), "no GPU seen: cpu first"
+        await pilot.press("enter")
         await wait_for_workers(pilot, "install")
         log = dialog.query_one(EventLog)
         rendered = " ".join(strip.text.strip() for strip in log.lines)
@@ -208,4 +222,30 @@ async def test_b163_install_log_and_summary_wrap_and_the_dialog_turns_into_the_r
         assert dialog.focused is dialog.query_one("#install-close")
         await pilot.press("enter")
         assert app.screen is app.dashboard
+    assert [c["backend"] for c in calls] == ["cpu"]
     assert app.config.nodes["lab-a100"].agent_version == "0.1.0"
+    saved = load_config()  # the operation saved the key, as `rbee nodes install` does
+    assert saved.nodes["lab-a100"].api_key == "k"
+
+
+async def test_b178_install_with_cuda_from_the_dashboard(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """A node with NVIDIA GPUs: the dialog says so, offers cuda first, and the install runs
+    the CLI's operation with backend cuda; its notes show in the log."""
+    calls = scripted_install(monkeypatch, "Building wheel for llama-cpp-python (CUDA)")
+    app, source = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await fill(app, source, 1)
+        await pilot.press("j", "i")  # gpu1: two RTX 4090s
+        dialog = app.screen
+        assert isinstance(dialog, InstallScreen)
+        texts = " ".join(str(lbl.render()) for lbl in dialog.query(".hint"))
+        assert "gpu1 has 2 NVIDIA GPU(s) (NVIDIA RTX 4090)" in texts
+        assert "needs nvcc there" in texts
+        assert dialog.focused is dialog.query_one("#install-cuda")
+        await pilot.press("enter")
+        await wait_for_workers(pilot, "install")
+        assert ("  · llama.cpp on the node already offloads to the GPU: no rebuild"
+                in dialog.query_one(EventLog).plain)
+    assert [c["backend"] for c in calls] == ["cuda"]
+    assert calls[0]["api_key"] is None and calls[0]["accept_new_host_key"] is False
