@@ -11,6 +11,7 @@ the first frame does not wait for them (B175).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from collections.abc import AsyncIterator, Callable
@@ -116,10 +117,16 @@ class RbeeApp(App[None]):
         if not self.save_theme or theme == self.config.settings.theme:
             return
         self.config.settings.theme = theme
+        self.run_worker(self._save_theme, thread=True, group="save-theme", exclusive=True,
+                        exit_on_error=False)
+
+    def _save_theme(self) -> None:
+        """In a thread: `save_config` takes the registry's file lock (principle 3)."""
         try:
             save_config(self.config)
         except OSError as exc:
-            self.notify(f"Could not save the theme choice: {exc}", severity="warning")
+            self.call_from_thread(self.notify, f"Could not save the theme choice: {exc}",
+                                  severity="warning")
 
     @property
     def chats(self) -> ChatStore:
@@ -331,13 +338,11 @@ class RbeeApp(App[None]):
         self.push_screen(NodeFormScreen(self.config, node), self._node_saved)
 
     def _node_saved(self, node: Node | None) -> None:
+        """The form saved the node (ops.nodes.add/edit): show it and poll it."""
         if node is None:
             return
-        new = node.name not in self.config.nodes
-        self.config.nodes[node.name] = node
-        save_config(self.config)
         self.notify(f"Node '{node.name}' saved.")
-        if new:
+        if node.name not in self._polling:
             self.fleet.registry_changed()
         self.start_polling(node.name)
         self.poll_now(node.name)
@@ -349,17 +354,22 @@ class RbeeApp(App[None]):
             return
 
         def done(yes: bool | None) -> None:
-            if not yes:
-                return
-            self.config.nodes.pop(name, None)
-            save_config(self.config)
-            self._polling.discard(name)
-            self.fleet.forget(name)
-            self.notify(f"Node '{name}' removed.")
+            if yes:
+                self.run_worker(self._remove_node(name), group="node-remove",
+                                exit_on_error=False, name=f"remove {name}")
 
         self.push_screen(ConfirmScreen(f"Remove node '{name}' from the registry?\n"
                                        "Its agent and workers keep running on the node.",
                                        yes="Remove"), done)
+
+    async def _remove_node(self, name: str) -> None:
+        """`rbee nodes remove`'s operation; the registry is written off the UI loop."""
+        from rbee_tui.ops import nodes as node_ops
+
+        message = await asyncio.to_thread(node_ops.remove, self.config, name)
+        self._polling.discard(name)
+        self.fleet.forget(name)
+        self.notify(message[:1].upper() + message[1:])
 
     def action_install_agent(self) -> None:
         from rbee_tui.screens.install import InstallScreen

@@ -265,15 +265,15 @@ async def cmd_workers_list(args: argparse.Namespace, config: Config, links: Node
     for answer in answers:
         if answer.reason is not None:
             printer.warn(f"{answer.node}: {answer.reason}")
-    rows = [{"node": a.node, **w.model_dump()} for a in answers for w in a.workers]
     if args.json:
-        print_json(rows)
+        print_json([{"node": a.node, **w.model_dump()} for a in answers for w in a.workers])
         return EXIT_OK
     print_table(["NODE", "ID", "MODEL", "BACKEND", "STATE", "SLOTS FREE", "QUEUED", "TOKENS",
-                 "RSS MB", "URL"],
-                ([r["node"], r["id"], r["model_id"], f"{r['backend']}:{r['device']}",
-                  r["state"], f"{r['slots_available']}/{r['slots_total']}", r["queued"],
-                  r["tokens_served"], r["rss_mb"], r["url"]] for r in rows),
+                 "RSS MB", "VRAM MB", "GPU LAYERS", "URL"],
+                ([a.node, w.id, w.model_id, f"{w.backend}:{w.device}", w.state,
+                  f"{w.slots_available}/{w.slots_total}", w.queued, w.tokens_served, w.rss_mb,
+                  w.vram_mb, worker_ops.layers_on_gpu(w), w.url]
+                 for a in answers for w in a.workers),
                 empty="no workers")
     return EXIT_OK
 

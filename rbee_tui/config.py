@@ -20,15 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from rbee_agent.protocol import ErrorCode, RbeeError
 from rbee_agent.tomlfile import read_toml
+from rbee_tui.defaults import LOCALHOST
 from rbee_tui.retry import RetryPolicy, policy
 
 APP = "rbee"
 CONFIG_ENV = "RBEE_CONFIG"
-LOCALHOST = "localhost"
 NODE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 DEFAULT_INSTALL_PATH = "~/.local/share/rbee-agent"
 DEFAULT_AGENT_PORT = 9200
-DEFAULT_MODEL = "smollm2-135m"  # the bundled model every node has
 
 Transport = Literal["local", "ssh", "direct"]
 

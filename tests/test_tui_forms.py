@@ -249,3 +249,32 @@ async def test_b178_install_with_cuda_from_the_dashboard(monkeypatch: pytest.Mon
                 in dialog.query_one(EventLog).plain)
     assert [c["backend"] for c in calls] == ["cuda"]
     assert calls[0]["api_key"] is None and calls[0]["accept_new_host_key"] is False
+
+
+async def test_b05_b71_the_node_form_saves_through_the_clis_operation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`e` then a new agent port only: `ops.nodes.edit` saves it without an SSH check (how
+    the node is reached did not change), off the UI thread, and the dialog closes."""
+    from tests.test_tui_pilot import saves_off_the_ui_thread
+
+    async def no_ssh(*args: Any, **kwargs: Any) -> AsyncIterator[Event]:
+        raise AssertionError("the SSH check ran for a change that does not need it")
+        yield  # an async generator, as the real check
+
+    monkeypatch.setattr("rbee_tui.ssh.check_connection", no_ssh)
+    writes = saves_off_the_ui_thread(monkeypatch, "rbee_tui.ops.nodes.save_config")
+    app, source = make_app()
+    notes = Notifications(app)
+    async with app.run_test(size=SIZE) as pilot:
+        await fill(app, source, 1)
+        await pilot.press("G", "e")
+        form = app.screen
+        assert isinstance(form, NodeFormScreen)
+        form.query_one("#agent-port", Input).value = "9300"
+        await pilot.press("enter")
+        await wait_for_workers(pilot, "node-form")
+        assert app.screen is app.dashboard
+        await notes.wait_for("Node 'lab-a100' saved.")
+    assert writes == [False]
+    assert load_config().nodes["lab-a100"].agent_port == 9300

@@ -28,6 +28,7 @@ from textual.worker import Worker
 
 from rbee_agent.protocol import ChatMessage, RbeeError
 from rbee_tui.chat_store import ChatStore, Conversation
+from rbee_tui.defaults import DEFAULT_MODEL
 from rbee_tui.events import Event, Finished, Note, Progress, Queued, Token
 from rbee_tui.fleet import Fleet
 from rbee_tui.links import reporting_to
@@ -36,8 +37,6 @@ from rbee_tui.screens.base import RbeeScreen, notify_error
 from rbee_tui.widgets.chat_input import ChatInput
 from rbee_tui.widgets.event_log import status_line
 from rbee_tui.widgets.top_bar import TopBar
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def _needs_full_render(text: str) -> bool:
