@@ -70,27 +70,29 @@ class InstallScreen(RbeeModal[Node | None]):
                 for hint in BACKEND_HINTS.values():
                     yield Label(f"  {hint}", classes="hint")
                 with Horizontal(classes="buttons"):
-                    yield Button("Install · cpu", id="install-cpu",
-                                 variant="primary" if self.suggested_backend == "cpu"
-                                 else "default")
-                    yield Button("Install · cuda", id="install-cuda",
-                                 variant="primary" if self.suggested_backend == "cuda"
-                                 else "default")
+                    for backend in BACKEND_HINTS:
+                        yield Button(f"Install · {backend}", id=f"install-{backend}",
+                                     variant="primary" if backend == self.suggested_backend
+                                     else "default")
+                    yield Button("Cancel", id="install-cancel")
             yield Static("", id="install-status")
             yield EventLog(id="install-log", max_lines=2000)
-            with Horizontal(classes="buttons"):
+            with Horizontal(classes="buttons", id="install-done"):
                 yield Button("Close", id="install-close")
 
     def on_mount(self) -> None:
-        self.query_one("#install-status").display = False
-        self.query_one("#install-log").display = False
+        for part in ("#install-status", "#install-log", "#install-done"):
+            self.query_one(part).display = False
+        self.query_one(".dialog").add_class("-choosing")  # as tall as the choice needs
         self.query_one(f"#install-{self.suggested_backend}", Button).focus()
 
     @on(Button.Pressed, "#install-cpu,#install-cuda")
     def _chosen(self, event: Button.Pressed) -> None:
         backend = (event.button.id or "").removeprefix("install-")
         self.query_one("#install-choice").display = False
+        self.query_one(".dialog").remove_class("-choosing")
         self.query_one("#install-log").display = True
+        self.query_one("#install-done").display = True
         self.query_one("#install-title", Label).update(
             f"Installing the rbee agent on {self.node.name} ({backend})")
         self.install(backend)
@@ -111,6 +113,6 @@ class InstallScreen(RbeeModal[Node | None]):
         status.display = True
         self.query_one("#install-close", Button).focus()
 
-    @on(Button.Pressed, "#install-close")
+    @on(Button.Pressed, "#install-close,#install-cancel")
     def action_close(self) -> None:
         self.dismiss(self.result)
