@@ -249,25 +249,28 @@ class RbeeApp(App[None]):
         except RbeeError as err:
             self.show_error(err)
             return
-        node = command.node or self.selected_node()
-        match command.verb:
+        self._run_verb(command.verb, command.node or self.selected_node(), command.arg)
+
+    def _run_verb(self, verb: str, node: str, arg: str | None) -> None:
+        """One parsed `:` command: where it goes (B167)."""
+        match verb:
             case "nodes" | "workers":
                 self.back_to_dashboard()
-                if command.verb == "workers":
+                if verb == "workers":
                     self.select_node(node)
-                self.dashboard.focus_table(command.verb)
+                self.dashboard.focus_table(verb)
             case "models":
                 self.open_models(node)
             case "logs":
                 self.open_logs(node)
             case "chat":
-                self.open_chat(node, command.arg)
+                self.open_chat(node, arg)
             case "chats":
                 self.action_chats()
             case "add":
                 self.action_add_node()
             case "theme":
-                self.switch_theme(command.arg or "")
+                self.switch_theme(arg or "")
             case "help":
                 self.action_help()
             case "quit":

@@ -211,22 +211,13 @@ async def test_b177_link_steps_reach_the_flow_that_asked_and_notes_else_a_notifi
     """What links do on the way (here a retried connect) goes to the chat or dialog whose
     task asked; a note nobody asked for (a poll found the local agent's port moved) becomes
     a notification."""
-    import socket
-
     from rbee_agent.protocol import RbeeError
     from rbee_tui.app import RbeeApp
-    from rbee_tui.config import Node
     from rbee_tui.events import Attempt, Event, Note
     from rbee_tui.links import NodeLinks, reporting_to
-    from rbee_tui.retry import policy
-    from tests.tui_support import ScriptedSource, scripted_config
+    from tests.tui_support import ScriptedSource, silent_node_config
 
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = scripted_config()
-    config.settings.http_retry = policy(2, 0.0)
-    config.nodes["lan"] = Node(name="lan", transport="direct", agent_port=port, api_key="k")
+    config = silent_node_config()
     links = NodeLinks(config)
     app = RbeeApp(config, ScriptedSource(), links, poll=False, save_theme=False)
     notes = Notifications(app)

@@ -278,3 +278,25 @@ async def test_b05_b71_the_node_form_saves_through_the_clis_operation(
         await notes.wait_for("Node 'lab-a100' saved.")
     assert writes == [False]
     assert load_config().nodes["lab-a100"].agent_port == 9300
+
+
+async def test_b177_a_dialog_shows_what_the_link_did_on_the_way() -> None:
+    """A node whose agent does not answer: the download dialog shows each retried connect
+    (the link's steps, not the flow's own events) before the error."""
+    from rbee_tui.app import RbeeApp
+    from rbee_tui.links import NodeLinks
+    from rbee_tui.node_source import LiveNodeSource
+    from tests.tui_support import silent_node_config
+
+    config = silent_node_config()
+    links = NodeLinks(config)
+    app = RbeeApp(config, LiveNodeSource(config, links), links, poll=False, save_theme=False)
+    async with app.run_test(size=SIZE) as pilot:
+        dialog = DownloadScreen(app.fleet, "lan")
+        await app.push_screen(dialog)
+        await pilot.press(*"hf:bees/tiny-GGUF", "enter")
+        await wait_for_workers(pilot, "download")
+        lines = dialog.query_one(EventLog).plain
+        assert any(line.startswith("  attempt 1/2: ") and "retrying in 0 s" in line
+                   for line in lines), lines
+        assert lines[-1].startswith("✗ ")

@@ -84,6 +84,22 @@ def scripted_config() -> Config:
     })
 
 
+def silent_node_config() -> Config:
+    """The scripted registry plus `lan`, a direct node at a loopback port nothing listens
+    on, whose connects are tried twice without waiting."""
+    import socket
+
+    from rbee_tui.retry import policy
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = scripted_config()
+    config.settings.http_retry = policy(2, 0.0)
+    config.nodes["lan"] = Node(name="lan", transport="direct", agent_port=port, api_key="k")
+    return config
+
+
 class ScriptedSource:
     """Answers polls from a table; a node can be taken down and brought back."""
 
