@@ -1,4 +1,4 @@
-"""`rbee` with no arguments: the full-screen dashboard (B70-B79, B160-B176).
+"""`rbee` with no arguments: the full-screen dashboard (B70-B79, B160-B178).
 
 The app owns polling (one worker per node, never overlapping, paused while a modal is open)
 and feeds each snapshot to the `Fleet`, which screens subscribe to. Screens ask the app for
