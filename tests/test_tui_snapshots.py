@@ -1,4 +1,4 @@
-"""Snapshots of every screen (B70-B79, B160-B176) with deterministic data from the scripted
+"""Snapshots of every screen (B70-B79, B160-B178) with deterministic data from the scripted
 source: at 120×36, and at 80×24 (the smallest terminal we support) for the dashboard, the
 node form, the chat and the help; at 200×60 for the dashboard, whose graphs take the room.
 

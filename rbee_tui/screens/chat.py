@@ -252,6 +252,7 @@ class ChatScreen(RbeeScreen[None]):
 
     async def _generate(self, reply: Markdown) -> None:
         conversation = self.conversation
+        progress = self.query_one("#chat-progress", ProgressBar)  # held: it may unmount
         stream = Markdown.get_stream(reply)
         parts: list[str] = []
         self._first_token = None
@@ -273,6 +274,7 @@ class ChatScreen(RbeeScreen[None]):
             self._status(f"stopped after {len(parts)} tokens · Esc again goes back")
             raise
         finally:
+            progress.display = False
             await self._end_reply(conversation, reply, stream, "".join(parts))
 
     async def _show_token(self, stream: MarkdownStream, parts: list[str], text: str) -> None:
@@ -311,7 +313,6 @@ class ChatScreen(RbeeScreen[None]):
                          stream: MarkdownStream, text: str) -> None:
         """Whatever ended the reply: render it whole where needed and save it."""
         self._stop_waiting()
-        self.query_one("#chat-progress").display = False
         await stream.stop()
         if not text or reply.source != text or _needs_full_render(text):
             await reply.update(text or "*(no reply)*")
