@@ -1,4 +1,4 @@
-"""`rbee` with no arguments: the full-screen dashboard (B70-B79, B160-B179).
+"""`rbee` with no arguments: the full-screen dashboard (B70-B79, B160-B178).
 
 The app owns polling (one worker per node, never overlapping, paused while a modal is open)
 and feeds each snapshot to the `Fleet`, which screens subscribe to. Screens ask the app for
@@ -11,6 +11,7 @@ the first frame does not wait for them (B175).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +25,7 @@ from textual.worker import Worker, WorkerState
 
 from rbee_agent.protocol import RbeeError
 from rbee_tui.config import Config, Node, save_config
-from rbee_tui.events import Event, Finished
+from rbee_tui.events import Event, Finished, Note
 from rbee_tui.fleet import Fleet
 from rbee_tui.links import NodeLinks
 from rbee_tui.messages import OpenChat, PollNow
@@ -73,6 +74,8 @@ class RbeeApp(App[None]):
         self.config = config
         self.source = source
         self.links = links
+        if links is not None and links.report is None:
+            links.report = self._link_note
         self.poll_enabled = poll
         self.save_theme = save_theme
         self.fleet = Fleet(config, source, self, frame_s=config.settings.dashboard_frame_s,
@@ -123,10 +126,16 @@ class RbeeApp(App[None]):
         if not self.save_theme or theme == self.config.settings.theme:
             return
         self.config.settings.theme = theme
+        self.run_worker(self._save_theme, thread=True, group="save-theme", exclusive=True,
+                        exit_on_error=False)
+
+    def _save_theme(self) -> None:
+        """In a thread: `save_config` takes the registry's file lock (principle 3)."""
         try:
             save_config(self.config)
         except OSError as exc:
-            self.notify(f"Could not save the theme choice: {exc}", severity="warning")
+            self.call_from_thread(self.notify, f"Could not save the theme choice: {exc}",
+                                  severity="warning")
 
     @property
     def chats(self) -> ChatStore:
@@ -249,19 +258,22 @@ class RbeeApp(App[None]):
         except RbeeError as err:
             self.show_error(err)
             return
-        node = command.node or self.selected_node()
-        match command.verb:
+        self._run_verb(command.verb, command.node or self.selected_node(), command.arg)
+
+    def _run_verb(self, verb: str, node: str, arg: str | None) -> None:
+        """One parsed `:` command: where it goes (B167)."""
+        match verb:
             case "nodes" | "workers":
                 self.back_to_dashboard()
-                if command.verb == "workers":
+                if verb == "workers":
                     self.select_node(node)
-                self.dashboard.focus_table(command.verb)
+                self.dashboard.focus_table(verb)
             case "models":
                 self.open_models(node)
             case "logs":
                 self.open_logs(node)
             case "chat":
-                self.open_chat(node, command.arg)
+                self.open_chat(node, arg)
             case "chats":
                 self.action_chats()
             case "gateway":
@@ -269,7 +281,7 @@ class RbeeApp(App[None]):
             case "add":
                 self.action_add_node()
             case "theme":
-                self.switch_theme(command.arg or "")
+                self.switch_theme(arg or "")
             case "help":
                 self.action_help()
             case "quit":
@@ -374,13 +386,11 @@ class RbeeApp(App[None]):
         self.push_screen(NodeFormScreen(self.config, node), self._node_saved)
 
     def _node_saved(self, node: Node | None) -> None:
+        """The form saved the node (ops.nodes.add/edit): show it and poll it."""
         if node is None:
             return
-        new = node.name not in self.config.nodes
-        self.config.nodes[node.name] = node
-        save_config(self.config)
         self.notify(f"Node '{node.name}' saved.")
-        if new:
+        if node.name not in self._polling:
             self.fleet.registry_changed()
         self.start_polling(node.name)
         self.poll_now(node.name)
@@ -392,17 +402,22 @@ class RbeeApp(App[None]):
             return
 
         def done(yes: bool | None) -> None:
-            if not yes:
-                return
-            self.config.nodes.pop(name, None)
-            save_config(self.config)
-            self._polling.discard(name)
-            self.fleet.forget(name)
-            self.notify(f"Node '{name}' removed.")
+            if yes:
+                self.run_worker(self._remove_node(name), group="node-remove",
+                                exit_on_error=False, name=f"remove {name}")
 
         self.push_screen(ConfirmScreen(f"Remove node '{name}' from the registry?\n"
                                        "Its agent and workers keep running on the node.",
                                        yes="Remove"), done)
+
+    async def _remove_node(self, name: str) -> None:
+        """`rbee nodes remove`'s operation; the registry is written off the UI loop."""
+        from rbee_tui.ops import nodes as node_ops
+
+        message = await asyncio.to_thread(node_ops.remove, self.config, name)
+        self._polling.discard(name)
+        self.fleet.forget(name)
+        self.notify(message[:1].upper() + message[1:])
 
     def action_install_agent(self) -> None:
         from rbee_tui.screens.install import InstallScreen
@@ -411,11 +426,13 @@ class RbeeApp(App[None]):
         if node.is_local:
             self.notify("localhost runs the agent from this installation.", severity="warning")
             return
-        self.push_screen(InstallScreen(self.config, node), self._installed)
+        info = self.fleet.snapshot(node.name).info
+        self.push_screen(InstallScreen(self.config, node, info), self._installed)
 
     def _installed(self, node: Node | None) -> None:
+        """The install saved the node's key itself (ops.nodes.install): poll it now."""
         if node is not None:
-            self._node_saved(node)
+            self.poll_now(node.name)
 
     def action_toggle_agent(self) -> None:
         name = self.selected_node()
@@ -450,12 +467,20 @@ class RbeeApp(App[None]):
 
     async def _drain(self, flow: AsyncIterator[Event]) -> str:
         """Run an operation for its outcome: the message of its Finished (said only once
-        the agent proved it is the one asked for, B140)."""
+        the agent proved it is the one asked for, B140); its notes as notifications."""
         message = ""
         async for event in flow:
             if isinstance(event, Finished):
                 message = event.message
+            else:
+                self._link_note(event)
         return message
+
+    def _link_note(self, event: Event) -> None:
+        """A note no dialog is there to show (a poll found the local agent's port moved):
+        a notification, so it is not lost (B177). Other steps of a poll stay quiet."""
+        if isinstance(event, Note):
+            self.notify(event.message, title="Note")
 
     # ------------------------------------------------------------------ workers (B74)
 

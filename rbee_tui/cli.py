@@ -18,10 +18,9 @@ import sys
 from typing import NoReturn
 
 from rbee_gateway import serve as gateway
+from rbee_tui.defaults import DEFAULT_MODEL, LOCALHOST
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-LOCALHOST = "localhost"  # the same name as config.LOCALHOST, without importing pydantic
-DEFAULT_MODEL = "smollm2-135m"  # config.DEFAULT_MODEL; a test keeps the two equal
 
 
 class UsageError(Exception):

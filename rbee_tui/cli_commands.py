@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rbee_agent.protocol import ChatMessage, ErrorCode, RbeeError
+from rbee_agent.protocol import ChatMessage, ErrorCode, RbeeError, WorkerInfo
 from rbee_tui.cli_output import (
     EventPrinter,
     ago,
@@ -278,25 +278,25 @@ async def cmd_workers_list(args: argparse.Namespace, config: Config, links: Node
     for answer in answers:
         if answer.reason is not None:
             printer.warn(f"{answer.node}: {answer.reason}")
-    rows = [{"node": a.node, **w.model_dump()} for a in answers for w in a.workers]
     if args.json:
-        print_json(rows)
+        print_json([{"node": a.node, **w.model_dump()} for a in answers for w in a.workers])
         return EXIT_OK
     print_table(["NODE", "ID", "MODEL", "BACKEND", "STATE", "SLOTS FREE", "QUEUED", "TOKENS",
-                 "RSS MB", "URL"],
-                ([r["node"], r["id"], r["model_id"] + _split_note(r),
-                  f"{r['backend']}:{r['device']}",
-                  r["state"], f"{r['slots_available']}/{r['slots_total']}", r["queued"],
-                  r["tokens_served"], r["rss_mb"], r["url"]] for r in rows),
+                 "RSS MB", "VRAM MB", "GPU LAYERS", "URL"],
+                ([a.node, w.id, w.model_id + _split_note(a.node, w), f"{w.backend}:{w.device}",
+                  w.state,
+                  f"{w.slots_available}/{w.slots_total}", w.queued, w.tokens_served, w.rss_mb,
+                  w.vram_mb, worker_ops.layers_on_gpu(w), w.url]
+                 for a in answers for w in a.workers),
                 empty="no workers")
     return EXIT_OK
 
 
-def _split_note(row: dict[str, Any]) -> str:
+def _split_note(node: str, worker: WorkerInfo) -> str:
     """A split worker's layers per node (B204), after its model in a listing."""
-    parts = row.get("split") or []
-    return (" (split: " + ", ".join(f"{p['node'] or row['node']} {p['layers']}" for p in parts)
-            + ")") if parts else ""
+    if not worker.split:
+        return ""
+    return " (split: " + ", ".join(f"{p.node or node} {p.layers}" for p in worker.split) + ")"
 
 
 async def cmd_workers_spawn(args: argparse.Namespace, config: Config, links: NodeLinks,

@@ -13,7 +13,8 @@ import argparse
 from rbee_agent.protocol import RbeeError, WorkerInfo
 from rbee_tui.cli_commands import EXIT_OK, drive, inference_spec
 from rbee_tui.cli_output import EventPrinter, print_json
-from rbee_tui.config import LOCALHOST, Config
+from rbee_tui.config import Config
+from rbee_tui.defaults import LOCALHOST
 from rbee_tui.events import Finished
 from rbee_tui.links import NodeLinks
 from rbee_tui.ops.split import SplitSpec, SplitWorker, parse_nodes

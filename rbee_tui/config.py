@@ -2,7 +2,7 @@
 
 `$RBEE_CONFIG` names the file; otherwise `<XDG config>/rbee/config.toml`. It is written
 atomically (temp file + rename) with mode 0600 because it holds agents' API keys. Every
-number the operator side uses lives in `OperatorSettings` (DESIGN principle 5).
+number the operator side uses lives in `OperatorSettings` (principle 5).
 
 `localhost` is always a node: it is implied when the file does not list it, and it can be
 tuned (agent port, key) by adding a `[nodes.localhost]` table.
@@ -20,15 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from rbee_agent.protocol import ErrorCode, RbeeError
 from rbee_agent.tomlfile import read_toml
+from rbee_tui.defaults import LOCALHOST
 from rbee_tui.retry import RetryPolicy, policy
 
 APP = "rbee"
 CONFIG_ENV = "RBEE_CONFIG"
-LOCALHOST = "localhost"
 NODE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 DEFAULT_INSTALL_PATH = "~/.local/share/rbee-agent"
 DEFAULT_AGENT_PORT = 9200
-DEFAULT_MODEL = "smollm2-135m"  # the bundled model every node has
 
 Transport = Literal["local", "ssh", "direct"]
 

@@ -8,13 +8,16 @@ node's SSH connection, and when the agent there does not answer it starts it ove
 
 `open` is for commands that need the agent (and start it); `peek` is for listings, which
 report a node whose agent is down instead of starting anything. What happens on the way (a
-retry, a cold start, a moved port) goes to `report`, the face's event printer.
+retry, a cold start, a moved port) goes to `report`, the face's event printer, or, inside
+`reporting_to(sink)`, to the sink of the flow that asked (the dashboard's chat or dialog
+shows it among that flow's own events; its polls, running in other tasks, do not).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from rbee_agent.protocol import ErrorCode, RbeeError
@@ -28,6 +31,21 @@ if TYPE_CHECKING:
 
 Reporter = Callable[[Event], None]
 
+_flow_sink: ContextVar[Reporter | None] = ContextVar("rbee_flow_sink", default=None)
+
+
+@contextlib.contextmanager
+def reporting_to(sink: Reporter) -> Iterator[None]:
+    """Route what links do on the way to `sink` for the flows the current task runs.
+
+    A context variable, not an attribute: each Textual worker is its own task, so a chat's
+    cold start reaches that chat while a poll running beside it reports to `report`."""
+    token = _flow_sink.set(sink)
+    try:
+        yield
+    finally:
+        _flow_sink.reset(token)
+
 
 class NodeLinks:
     def __init__(self, config: Config, report: Reporter | None = None) -> None:
@@ -39,8 +57,9 @@ class NodeLinks:
         self._answered: set[str] = set()  # SSH nodes whose agent answered through this link
 
     def _emit(self, event: Event) -> None:
-        if self.report is not None:
-            self.report(event)
+        sink = _flow_sink.get() or self.report
+        if sink is not None:
+            sink(event)
 
     def _attempt(self, attempt: Attempt) -> None:
         self._emit(attempt)
@@ -49,7 +68,7 @@ class NodeLinks:
         from rbee_tui.client import AgentClient  # httpx loads only when a node is asked
 
         return AgentClient(node.name, url, api_key, self.config.settings,
-                           on_attempt=self._attempt if self.report else None)
+                           on_attempt=self._attempt)
 
     async def open(self, name: str, cold_start: bool | None = None) -> AgentClient:
         """A client for a node whose agent this command needs: started when it is down

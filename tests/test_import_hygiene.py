@@ -1,4 +1,4 @@
-"""The node side never imports the operator's UI or SSH stack (STYLE lesson 1)."""
+"""The node side never imports the operator's UI or SSH stack (lesson 1)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from rbee_agent import __version__
 from rbee_agent.protocol import ErrorCode, GpuInfo, NodeInfo, RbeeError
 from rbee_tui import cli
 from rbee_tui.client import AgentClient, localize_hint, version_mismatch
-from rbee_tui.config import DEFAULT_MODEL, Config, Node, OperatorSettings, load_config, save_config
+from rbee_tui.config import Config, Node, OperatorSettings, load_config, save_config
 from rbee_tui.events import Attempt
 from rbee_tui.ops.nodes import describe_gpus
 from rbee_tui.retry import RetryPolicy, policy
@@ -233,7 +233,6 @@ def test_b151_every_option_has_help_and_no_internal_ids() -> None:
     for name, action in options:
         assert action.help and action.help != argparse.SUPPRESS, f"{name} has no help"
         assert not re.search(r"\bB\d{2,3}\b", action.help), f"{name}: {action.help}"
-    assert cli.DEFAULT_MODEL == DEFAULT_MODEL
 
 
 def test_b151_help_loads_no_heavy_module() -> None:
@@ -284,3 +283,43 @@ def test_b200_agent_install_builds_llama_cpp_with_rpc() -> None:
     first = steps.pip_command().split(" && ")[0]
     assert first.startswith('CMAKE_ARGS="-DGGML_RPC=on ${CMAKE_ARGS:-}" ')
     assert "[agent]" in first
+
+
+async def test_b172_workers_list_prints_vram_and_gpu_layers_as_the_dashboard(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`rbee workers list` has the dashboard's VRAM MB and GPU LAYERS ("24/30"), and its
+    SLOTS FREE is the dashboard's cell; a spawn's summary names the GPU layers."""
+    import argparse
+
+    from rbee_tui import cli_commands
+    from rbee_tui.cli_output import EventPrinter
+    from rbee_tui.ops import workers as worker_ops
+    from rbee_tui.widgets.tables import WorkersTable
+    from tests.tui_support import NOW, scripted_config, worker
+
+    on_gpu = worker("w2-77c1", "qwen2.5-7b-instruct", "busy", 98765, busy=True, device=1,
+                    gpu_layers=24)
+    on_cpu = worker("w1-0001", "smollm2-135m", "idle", 12).model_copy(
+        update={"backend": "cpu", "vram_mb": None, "gpu_layers": 0})
+
+    async def list_all(links: object, names: list[str], timeout_s: float
+                       ) -> list[worker_ops.NodeWorkers]:
+        return [worker_ops.NodeWorkers("gpu1", (on_gpu,)),
+                worker_ops.NodeWorkers("localhost", (on_cpu,))]
+
+    monkeypatch.setattr(worker_ops, "list_all", list_all)
+    args = argparse.Namespace(node=None, json=False)
+    assert await cli_commands.cmd_workers_list(args, scripted_config(), None,  # type: ignore[arg-type]
+                                               EventPrinter()) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert " ".join(header.split()) == ("NODE ID MODEL BACKEND STATE SLOTS FREE QUEUED TOKENS "
+                                        "RSS MB VRAM MB GPU LAYERS URL")
+    gpu_row, cpu_row = (row.split() for row in rows)
+    dashboard = WorkersTable.cells(on_gpu, None, NOW)
+    assert gpu_row[5] == str(dashboard[4]) == "0/1", "SLOTS FREE: available/total in both"
+    assert gpu_row[9:11] == ["5200", "24/30"] and [str(c) for c in dashboard[7:10:2]] == [
+        "5200", "24/30"]
+    assert cpu_row[9:11] == ["-", "-"]
+    assert worker_ops.ready_message(on_gpu).endswith(", 24/30 layers on GPU")
+    assert "layers" not in worker_ops.ready_message(on_cpu)

@@ -18,7 +18,7 @@ from rbee_tui.screens.chat_list import ChatListScreen
 from rbee_tui.screens.chat_settings import ChatSettingsScreen
 from rbee_tui.screens.modals import ConfirmScreen, PromptScreen
 from rbee_tui.widgets.chat_input import ChatInput
-from tests.tui_support import REPLY, fill, make_app, until, wait_for_workers
+from tests.tui_support import REPLY, Notifications, fill, make_app, until, wait_for_workers
 
 SIZE = (120, 36)
 
@@ -185,3 +185,51 @@ async def test_b160_b170_until_the_first_token_the_wait_is_counted_and_the_queue
         await until(pilot, lambda: "tokens ·" in status(chat))
         await pilot.press("escape")
         await until(pilot, lambda: chat.generating is None)
+
+
+async def test_b177_a_note_of_the_chat_flow_is_shown_and_kept() -> None:
+    """No room for another worker: the chat says it joins the busy worker's queue."""
+    app, source = make_app(hold_stream=True)
+    source.spawn_refusal = "Not enough VRAM on GPU 1 for qwen2.5-7b-instruct"
+    app.config.settings.spawn_when_queued = 1  # w2-77c1 has 2 waiting: try another copy
+    notes = Notifications(app)
+    async with app.run_test(size=SIZE) as pilot:
+        await fill(app, source, 1)
+        app.open_chat("gpu1", "qwen2.5-7b-instruct")
+        await wait_for_workers(pilot, "chat-models")
+        chat = app.screen
+        assert isinstance(chat, ChatScreen)
+        await pilot.press(*"Hello", "enter")
+        await notes.wait_for("no room for another worker (Not enough VRAM on GPU 1 for "
+                             "qwen2.5-7b-instruct): joining the queue of w2-77c1")
+        await until(pilot, lambda: "tokens ·" in status(chat))
+    assert source.bodies["/v1/workers"][0]["new"] is True
+
+
+async def test_b177_link_steps_reach_the_flow_that_asked_and_notes_else_a_notification(
+) -> None:
+    """What links do on the way (here a retried connect) goes to the chat or dialog whose
+    task asked; a note nobody asked for (a poll found the local agent's port moved) becomes
+    a notification."""
+    from rbee_agent.protocol import RbeeError
+    from rbee_tui.app import RbeeApp
+    from rbee_tui.events import Attempt, Event, Note
+    from rbee_tui.links import NodeLinks, reporting_to
+    from tests.tui_support import ScriptedSource, silent_node_config
+
+    config = silent_node_config()
+    links = NodeLinks(config)
+    app = RbeeApp(config, ScriptedSource(), links, poll=False, save_theme=False)
+    notes = Notifications(app)
+    async with app.run_test(size=SIZE):
+        seen: list[Event] = []
+        client = await links.peek("lan")
+        async with client:
+            with reporting_to(seen.append), pytest.raises(RbeeError):
+                await client.health()
+        assert [(type(e), getattr(e, "number", None)) for e in seen] == [(Attempt, 1)]
+        assert notes.messages == [], "the flow's sink took its steps"
+        assert links.report is not None
+        links.report(Note("agent", "port 9200 is held by another user's agent; this "
+                                   "config's local agent now uses port 9201"))
+        await notes.wait_for("now uses port 9201")

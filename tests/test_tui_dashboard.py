@@ -16,7 +16,7 @@ from rbee_tui.screens.modals import ConfirmScreen, HelpScreen
 from rbee_tui.screens.models import ModelsScreen
 from rbee_tui.widgets.graphs import HistoryGraph
 from rbee_tui.widgets.log_view import LogView
-from rbee_tui.widgets.node_detail import vram_bar
+from rbee_tui.widgets.node_detail import node_text, vram_bar
 from rbee_tui.widgets.notes import note_for
 from rbee_tui.widgets.tables import KeyedTable, NodesTable, WorkersTable
 from rbee_tui.widgets.top_bar import TopBar
@@ -118,6 +118,18 @@ async def test_b165_each_gpu_has_its_bar_with_worker_shares_and_sparklines() -> 
     bar = vram_bar(gpu, [share], width=20)
     assert bar.plain == "▇" * 10 + "░" * 10  # 5 cells the worker's, 5 other use, then free
     assert [span.style for span in bar.spans][:2] == ["magenta", "green"]
+
+
+def test_b178_the_detail_says_whether_llama_cpp_can_use_the_gpus() -> None:
+    def detail(gpus: int, offload: bool | None) -> str:
+        info = node_info("gpu9", gpus).model_copy(update={"gpu_offload": offload})
+        return node_text(NodeSnapshot(name="gpu9", status="up", info=info)).plain
+
+    assert "llama.cpp on gpu9 is CPU-only: its GPUs sit idle. Press i and install with " \
+        "cuda (rbee nodes install gpu9 --backend cuda)" in detail(2, False)
+    assert "llama.cpp offloads to the GPU" in detail(2, True)
+    assert "llama.cpp is a CPU-only build" in detail(0, False)
+    assert "llama.cpp" not in detail(2, None), "an agent that does not say: nothing claimed"
 
 
 async def test_b166_numbers_are_drawn_in_frames_and_a_dead_node_at_once() -> None:

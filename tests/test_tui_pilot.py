@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from textual.binding import Binding
@@ -153,11 +154,30 @@ async def test_b71_delete_node_asks_first(tmp_path: Path, monkeypatch: pytest.Mo
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("n")
         assert "lab-a100" in app.config.nodes
+        writes = saves_off_the_ui_thread(monkeypatch, "rbee_tui.ops.nodes.save_config")
         await pilot.press("d", "y")
-        await pilot.pause()
+        await wait_for_workers(pilot, "node-remove")
         assert "lab-a100" not in app.config.nodes
         assert "lab-a100" not in app.dashboard.query_one(NodesTable).rows
+    assert writes == [False], "removed by ops.nodes.remove, in a thread"
     assert "lab-a100" not in load_config().nodes and "gpu1" in load_config().nodes
+
+
+def saves_off_the_ui_thread(monkeypatch: pytest.MonkeyPatch, target: str) -> list[bool]:
+    """Wrap `save_config` where `target` names it: one entry per call, True when it ran on
+    the thread of the app's event loop (it takes a file lock: it must not)."""
+    import threading
+
+    from rbee_tui import config as config_module
+
+    calls: list[bool] = []
+
+    def save(config: Any, path: Any = None) -> Path:
+        calls.append(threading.current_thread() is threading.main_thread())
+        return config_module.save_config(config, path)
+
+    monkeypatch.setattr(target, save)
+    return calls
 
 
 async def test_b73_model_delete_asks_then_calls_the_agent() -> None:
@@ -233,8 +253,10 @@ async def test_b77_theme_choice_is_persisted(tmp_path: Path,
     async with app.run_test(size=SIZE) as pilot:
         assert app.theme == "rbee"
         assert "rbee-light" in app.available_themes
+        writes = saves_off_the_ui_thread(monkeypatch, "rbee_tui.app.save_config")
         app.theme = "rbee-light"
-        await pilot.pause()
+        await wait_for_workers(pilot, "save-theme")
+    assert writes == [False]
     assert load_config().settings.theme == "rbee-light"
 
 

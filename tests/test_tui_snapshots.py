@@ -1,4 +1,4 @@
-"""Snapshots of every screen (B70-B79, B160-B176) with deterministic data from the scripted
+"""Snapshots of every screen (B70-B79, B160-B178) with deterministic data from the scripted
 source: at 120×36, and at 80×24 (the smallest terminal we support) for the dashboard, the
 node form, the chat and the help; at 200×60 for the dashboard, whose graphs take the room.
 
@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from textual.pilot import Pilot
 
-from rbee_tui.screens import chat
-from tests.tui_support import fill, frames, make_app, wait_for_workers
+from rbee_agent.protocol import ChatMessage
+from rbee_tui.chat_store import ChatStore, Conversation
+from rbee_tui.node_source import NodeSnapshot
+from rbee_tui.screens import chat, chat_list
+from tests.tui_support import NOW, fill, frames, make_app, wait_for_workers
 
 SIZE = (120, 36)
 SMALL = (80, 24)
@@ -103,3 +108,52 @@ def test_snapshot_chat_mid_stream(snap_compare: Callable[..., bool],
             await pilot.pause()
 
     assert snap_compare(app, terminal_size=size, run_before=before)
+
+
+def test_snapshot_command_line(snap_compare: Callable[..., bool]) -> None:
+    """`:` with a half-typed command: the suggestion and the list of commands (B167)."""
+    app, _ = make_app()
+    assert snap_compare(app, terminal_size=SIZE, run_before=settle("colon", *"chat gp"))
+
+
+def test_snapshot_install_backend_choice(snap_compare: Callable[..., bool]) -> None:
+    """`i` on a node with NVIDIA GPUs and a CPU-only llama.cpp: what the poll found, cpu or
+    cuda, cuda first (B178)."""
+    app, source = make_app()
+    scripted = source.snapshot_of
+
+    def cpu_only(name: str) -> NodeSnapshot:
+        snap = scripted(name)
+        if snap.info is None:
+            return snap
+        return replace(snap, info=snap.info.model_copy(update={"gpu_offload": False}))
+
+    source.snapshot_of = cpu_only  # type: ignore[method-assign]
+    assert snap_compare(app, terminal_size=SIZE, run_before=settle("j", "i"))
+
+
+def test_snapshot_chat_settings(snap_compare: Callable[..., bool]) -> None:
+    """ctrl+s in the chat: the system prompt and sampling settings of this chat (B160)."""
+    app, _ = make_app()
+    assert snap_compare(app, terminal_size=SIZE, run_before=settle(
+        "j", "c", "ctrl+s", groups=("chat-models",)))
+
+
+def test_snapshot_saved_chats(snap_compare: Callable[..., bool], tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """ctrl+o: the saved conversations, newest first (B160). Their times are the scripted
+    world's, shown in UTC, so the snapshot does not follow the wall clock or the zone."""
+    store = ChatStore(tmp_path / "chats.sqlite")
+    chats = [("gpu1", "smollm2-135m", "What is the capital of France?", 3600),
+             ("gpu1", "qwen2.5-7b-instruct", "Write a haiku about GPUs", 600),
+             ("localhost", "smollm2-135m", "Summarise the rbee README in three lines", 60)]
+    for node, model, question, age_s in chats:
+        conversation = Conversation(0, node, model)
+        store.add_message(conversation, ChatMessage(role="user", content=question))
+        store.add_message(conversation, ChatMessage(role="assistant", content="…"))
+        store.db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
+                         (NOW - age_s, conversation.id))
+    monkeypatch.setattr(chat_list.time, "localtime", chat_list.time.gmtime)
+    app, _ = make_app()
+    app._chats = store
+    assert snap_compare(app, terminal_size=SIZE, run_before=settle("colon", *"chats", "enter"))

@@ -84,6 +84,22 @@ def scripted_config() -> Config:
     })
 
 
+def silent_node_config() -> Config:
+    """The scripted registry plus `lan`, a direct node at a loopback port nothing listens
+    on, whose connects are tried twice without waiting."""
+    import socket
+
+    from rbee_tui.retry import policy
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = scripted_config()
+    config.settings.http_retry = policy(2, 0.0)
+    config.nodes["lan"] = Node(name="lan", transport="direct", agent_port=port, api_key="k")
+    return config
+
+
 class ScriptedSource:
     """Answers polls from a table; a node can be taken down and brought back."""
 
@@ -96,6 +112,7 @@ class ScriptedSource:
         self.queued_frames: list[int] = []  # {"queued": n} frames sent before the tokens
         self.gate: asyncio.Event | None = None  # when set: tokens wait for it to open
         self.bodies: dict[str, list[dict[str, Any]]] = {}  # JSON bodies sent, by path
+        self.spawn_refusal: str | None = None  # set: a spawn is refused for want of VRAM
 
     def snapshot_of(self, name: str) -> NodeSnapshot:
         if name in self.down:
@@ -139,6 +156,11 @@ class ScriptedSource:
         node = request.url.host
         if path == "/v1/health":
             return _json({"status": "ok", "version": __version__, "api_version": "1"})
+        if path == "/v1/node":
+            return _json(node_info(node, 2 if node == "gpu1" else 0).model_dump())
+        if path == "/v1/workers" and request.method == "POST" and self.spawn_refusal:
+            return _json({"error": {"code": "INSUFFICIENT_VRAM", "message": self.spawn_refusal,
+                                    "details": {}}}, 507)
         if path == "/v1/workers" and request.method == "POST":
             spawned = worker("w3-new", json.loads(request.content)["model_ref"], "loading", 0)
             return _json({"worker": spawned.model_dump(), "reused": False}, 201)
@@ -179,10 +201,20 @@ class ScriptedSource:
                     "no file of that name, checked at https://huggingface.co/api/models"),
                     "details": {"hint": "Check the spelling of org/repo on huggingface.co; "
                                 "private repos need HF_TOKEN on the node."}}}, 404)
-            return _json({"job_id": "j1", "model_ref": ref, "reference": ref,
+            job = "j3" if "flaky" in ref else "j1"
+            return _json({"job_id": job, "model_ref": ref, "reference": ref,
                           "stage": "downloading", "files": ["tiny.gguf"],
                           "bytes_total": 100 * 2**20, "bytes_downloaded": 0,
-                          "progress_url": "/v1/models/download/j1/progress"}, 202)
+                          "progress_url": f"/v1/models/download/{job}/progress"}, 202)
+        if path == "/v1/models/download/j3/progress":  # a transfer that keeps breaking
+            notes = ["attempt 2/3: connection reset, resuming at 25.0 MB in 0.4 s",
+                     "attempt 3/3: checksum mismatch on tiny.gguf, fetching it again"]
+            steps = [{"stage": "downloading", "job_id": "j3", "model_ref": "r",
+                      "bytes_downloaded": 25 * 2**20, "bytes_total": 100 * 2**20,
+                      "attempt": n + 2, "note": note} for n, note in enumerate(notes)]
+            steps.append({"stage": "failed", "job_id": "j3", "model_ref": "r", "error": {
+                "code": "DOWNLOAD_FAILED", "message": "tiny.gguf failed 3 times", "details": {}}})
+            return _sse(steps)
         if path == "/v1/models/download/j1/progress":
             steps = [{"stage": "downloading", "job_id": "j1", "model_ref": "r",
                       "bytes_downloaded": n * 25 * 2**20, "bytes_total": 100 * 2**20,

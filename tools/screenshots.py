@@ -168,6 +168,8 @@ async def shoot(home: Path) -> None:
         await pilot.press("escape", "G", "i")
         install = app.screen
         assert isinstance(install, InstallScreen)
+        await pilot.pause()
+        await pilot.press("enter")  # the backend the dialog offers first (cpu here)
         # A real install: pip may build llama-cpp-python on the node (minutes).
         await wait_for(pilot, lambda: install.query_one("#install-status").display,
                        limit_s=1800)

@@ -17,7 +17,8 @@ from typing import Literal
 from rbee_agent import __version__
 from rbee_agent.protocol import ErrorCode, NodeInfo, RbeeError
 from rbee_tui import local_agent
-from rbee_tui.config import LOCALHOST, Config, Node, save_config
+from rbee_tui.config import Config, Node, save_config
+from rbee_tui.defaults import LOCALHOST
 from rbee_tui.events import Event, Finished, Note, PhaseDone, PhaseStarted
 from rbee_tui.links import NodeLinks
 

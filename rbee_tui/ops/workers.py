@@ -67,6 +67,27 @@ def parse_gpu_layers(text: str) -> int | Literal["auto"] | None:
     raise ValueError(f"{text!r} is not a layer count, 'all' or 'auto'")
 
 
+def layers_on_gpu(worker: WorkerInfo) -> str:
+    """"24/30": layers offloaded to the GPU of the model's total (B172), as the dashboard
+    and `rbee workers list` show it; "-" on a CPU."""
+    if worker.backend == "cpu" or worker.gpu_layers is None:
+        return "-"
+    total, layers = worker.layers_total, worker.gpu_layers
+    if not total:
+        return "all" if layers < 0 else str(layers)
+    if layers < 0 or layers > total:  # -1 asks llama.cpp for every layer
+        layers = total
+    return f"{layers}/{total}"
+
+
+def ready_message(worker: WorkerInfo) -> str:
+    """The spawn's summary: where the worker is, and its GPU layers when it has any."""
+    on_gpu = ""
+    if worker.backend != "cpu" and worker.gpu_layers:  # None or 0: nothing on a GPU
+        on_gpu = f", {layers_on_gpu(worker)} layers on GPU"
+    return f"worker {worker.id} is {worker.state} at {worker.url}{on_gpu}"
+
+
 async def spawn_events(client: AgentClient, spec: SpawnSpec, settings: OperatorSettings
                        ) -> AsyncIterator[Event | WorkerInfo]:
     """Spawn (or be handed an idle worker) and follow the loading; the last item is the
@@ -138,8 +159,7 @@ async def spawn(client: AgentClient, spec: SpawnSpec, settings: OperatorSettings
     await require_model(client, spec.model_ref)
     async for event in spawn_events(client, spec, settings):
         if isinstance(event, WorkerInfo):
-            yield Finished(f"worker {event.id} is {event.state} at {event.url}",
-                           event.model_dump())
+            yield Finished(ready_message(event), event.model_dump())
         else:
             yield event
 

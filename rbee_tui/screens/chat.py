@@ -28,21 +28,22 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.timer import Timer
 from textual.widgets import Footer, Label, Markdown, ProgressBar, Select
+from textual.widgets.markdown import MarkdownStream
 from textual.worker import Worker
 
 from rbee_agent.protocol import ChatMessage, ErrorCode, RbeeError
 from rbee_gateway.any_node import ANY_NODE, RoutedTo, routed_inference
 from rbee_gateway.routing import Fleet as RoutingFleet
 from rbee_tui.chat_store import ChatStore, Conversation
-from rbee_tui.events import Event, Finished, Progress, Queued, Token
+from rbee_tui.defaults import DEFAULT_MODEL
+from rbee_tui.events import Event, Finished, Note, Progress, Queued, Token
 from rbee_tui.fleet import Fleet
+from rbee_tui.links import reporting_to
 from rbee_tui.orchestrator import InferenceSpec, run_inference
 from rbee_tui.screens.base import RbeeScreen, notify_error
 from rbee_tui.widgets.chat_input import ChatInput
 from rbee_tui.widgets.event_log import status_line
 from rbee_tui.widgets.top_bar import TopBar
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def _needs_full_render(text: str) -> bool:
@@ -89,6 +90,7 @@ class ChatScreen(RbeeScreen[None]):
         self._waiting_since: float | None = None
         self._waiting_text = ""
         self._ticker: Timer | None = None
+        self._first_token: float | None = None
 
     def _initial(self, conversation_id: int | None) -> Conversation:
         if conversation_id is not None:
@@ -291,42 +293,21 @@ class ChatScreen(RbeeScreen[None]):
 
     async def _generate(self, reply: Markdown) -> None:
         conversation = self.conversation
-        progress = self.query_one("#chat-progress", ProgressBar)
+        progress = self.query_one("#chat-progress", ProgressBar)  # held: it may unmount
         stream = Markdown.get_stream(reply)
         parts: list[str] = []
-        first: float | None = None
+        self._first_token = None
         self.answered_by = None
         self._waiting_since = time.perf_counter()
         self._ticker = self.set_interval(0.1, self._tick)
         self._wait("waiting for the first token")
         try:
-            async for event in self._events():
-                match event:
-                    case RoutedTo(node=node):
-                        self.answered_by = node
-                        self._wait(f"routed to {node}")
-                    case Token(text=text):
-                        if first is None:
-                            first = time.perf_counter()
-                            self._stop_waiting()
-                            progress.display = False
-                        parts.append(text)
-                        await stream.write(text)
-                        elapsed = time.perf_counter() - first
-                        rate = (len(parts) - 1) / elapsed if elapsed > 0 else 0.0
-                        self._status(self._named(f"{len(parts)} tokens · {rate:.1f} tokens/s"))
-                    case Progress(total=total, done=done):
-                        progress.display = True
-                        progress.update(total=total, progress=done)
-                        self._wait(status_line(event) or "")
-                    case Queued():
-                        self._wait(status_line(event) or "")
-                    case Finished(message=message):
-                        self._status(self._named(message))
-                    case _:
-                        line = status_line(event)
-                        if line and first is None:
-                            self._wait(line)
+            with reporting_to(self._show_step):  # a cold start, a retry: this chat's steps
+                async for event in self._events():
+                    if isinstance(event, Token):
+                        await self._show_token(stream, parts, event.text)
+                    else:
+                        self._show_step(event)
         except RbeeError as err:
             self._status(f"[red]{err.message}[/red]")
             notify_error(self, err)
@@ -334,16 +315,54 @@ class ChatScreen(RbeeScreen[None]):
             self._status(f"stopped after {len(parts)} tokens · Esc again goes back")
             raise
         finally:
-            self._stop_waiting()
             progress.display = False
-            await stream.stop()
-            text = "".join(parts)
-            if not text or reply.source != text or _needs_full_render(text):
-                await reply.update(text or "*(no reply)*")
-            if text:
-                self.store.add_message(conversation,
-                                       ChatMessage(role="assistant", content=text))
-            self.generating = None
+            await self._end_reply(conversation, reply, stream, "".join(parts))
+
+    async def _show_token(self, stream: MarkdownStream, parts: list[str], text: str) -> None:
+        if self._first_token is None:
+            self._first_token = time.perf_counter()
+            self._stop_waiting()
+            self.query_one("#chat-progress").display = False
+        parts.append(text)
+        await stream.write(text)
+        elapsed = time.perf_counter() - self._first_token
+        rate = (len(parts) - 1) / elapsed if elapsed > 0 else 0.0
+        self._status(self._named(f"{len(parts)} tokens · {rate:.1f} tokens/s"))
+
+    def _show_step(self, event: Event | RoutedTo) -> None:
+        """Every event but a token: the status line until the first token. A note (a cold
+        start, no room for another worker) is also a notification, so the next step does
+        not hide it (B177)."""
+        match event:
+            case RoutedTo(node=node):
+                self.answered_by = node
+                self._wait(f"routed to {node}")
+            case Progress(total=total, done=done):
+                progress = self.query_one("#chat-progress", ProgressBar)
+                progress.display = True
+                progress.update(total=total, progress=done)
+                self._wait(status_line(event) or "")
+            case Queued():
+                self._wait(status_line(event) or "")
+            case Finished(message=message):
+                self._status(self._named(message))
+            case _:
+                line = status_line(event)
+                if isinstance(event, Note):
+                    self.notify(event.message, title=f"Chat on {self.node}")
+                if line and self._first_token is None:
+                    self._wait(line)
+
+    async def _end_reply(self, conversation: Conversation, reply: Markdown,
+                         stream: MarkdownStream, text: str) -> None:
+        """Whatever ended the reply: render it whole where needed and save it."""
+        self._stop_waiting()
+        await stream.stop()
+        if not text or reply.source != text or _needs_full_render(text):
+            await reply.update(text or "*(no reply)*")
+        if text:
+            self.store.add_message(conversation, ChatMessage(role="assistant", content=text))
+        self.generating = None
 
     def _stop_waiting(self) -> None:
         self._waiting_since = None

@@ -19,8 +19,9 @@ from textual.worker import Worker
 
 from rbee_agent.model_refs import parse_model_ref
 from rbee_agent.protocol import RbeeError
-from rbee_tui.events import Finished, Progress
+from rbee_tui.events import Event, Finished, Progress
 from rbee_tui.fleet import Fleet
+from rbee_tui.links import reporting_to
 from rbee_tui.orchestrator import download_flow
 from rbee_tui.screens.base import RbeeModal, form_row
 from rbee_tui.widgets.event_log import EventLog
@@ -87,26 +88,31 @@ class DownloadScreen(RbeeModal[bool]):
         bar.update(total=None, progress=0)
         status.update("")
         try:
-            client = await self.fleet.source.open_client(self.node)
-            async with client:
-                async for event in download_flow(client, ref):
-                    log.show(event)
-                    if isinstance(event, Progress):
-                        bar.update(total=event.total or None, progress=event.done)
-                        status.update(f"{event.done:.1f} / {event.total:.1f} MB  "
-                                      f"{event.message}")
-                    elif isinstance(event, Finished):
-                        bar.update(progress=bar.total or 1, total=bar.total or 1)
-                        status.update(f"[green]{event.message}[/green]")
-                        self.done = True
-                        self.notify(event.message, title=f"Model added to {self.node}")
-                        self.dismiss(True)
+            with reporting_to(log.show):  # a cold start or a retry on the way (B177)
+                client = await self.fleet.source.open_client(self.node)
+                async with client:
+                    async for event in download_flow(client, ref):
+                        self._show(event)
         except RbeeError as err:
             bar.display = False  # an indeterminate bar would keep moving after the failure
             log.show_error(err)
             status.update("[red]failed[/red]: see above")
         finally:
             self.running = None
+
+    def _show(self, event: Event) -> None:
+        self.query_one("#download-log", EventLog).show(event)
+        bar = self.query_one("#download-progress", ProgressBar)
+        status = self.query_one("#download-status", Label)
+        if isinstance(event, Progress):
+            bar.update(total=event.total or None, progress=event.done)
+            status.update(f"{event.done:.1f} / {event.total:.1f} MB  {event.message}")
+        elif isinstance(event, Finished):
+            bar.update(progress=bar.total or 1, total=bar.total or 1)
+            status.update(f"[green]{event.message}[/green]")
+            self.done = True
+            self.notify(event.message, title=f"Model added to {self.node}")
+            self.dismiss(True)
 
     @on(Button.Pressed, "#download-close")
     def action_close(self) -> None:

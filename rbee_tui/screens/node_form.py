@@ -2,8 +2,9 @@
 
 Every field labelled, validated as you type; Enter in any field runs "Test & save": the SSH
 check with each attempt shown live in the event log. An unknown host key shows its whole
-fingerprint (wrapped, never cut) and waits for the operator to trust it. The node is
-returned (and saved by the app) only when the check succeeded; the dialog then closes.
+fingerprint (wrapped, never cut) and waits for the operator to trust it. Checking and saving
+are the CLI's `ops.nodes.add`/`edit` (an edit that changes how the node is reached is
+checked; one that does not is saved as it is); the dialog closes with the saved node.
 """
 
 from __future__ import annotations
@@ -135,8 +136,6 @@ class NodeFormScreen(RbeeModal[Node | None]):
 
     @work(exclusive=True, group="node-form", exit_on_error=False)
     async def test_and_save(self) -> None:
-        from rbee_tui import ssh
-
         log = self.query_one("#attempts", EventLog)
         error = self.query_one("#form-error", Static)
         try:
@@ -147,16 +146,17 @@ class NodeFormScreen(RbeeModal[Node | None]):
         log.display = True
         log.reset()
         error.update("")
+        # The CLI's operations (`rbee nodes add/edit`): the SSH check, then the registry.
+        flow = node_ops.edit if self.editing else node_ops.add
         try:
-            async for event in ssh.check_connection(
-                node, self.config.settings, accept_new_host_key=self.accept_host_key
-            ):
+            async for event in flow(self.config, node,
+                                    accept_new_host_key=self.accept_host_key):
                 log.show(event)
                 if isinstance(event, HostKeyUnknown):
                     self.query_one("#trust").display = True
                     self.query_one("#trust", Button).focus()
                 elif isinstance(event, Finished):
-                    self.dismiss(node_ops.checked(node, event))
+                    self.dismiss(self.config.nodes[node.name])
                     return
         except RbeeError as err:
             log.show_error(err)

@@ -18,6 +18,7 @@ from textual.widgets import Button, Input, Label, ProgressBar
 from rbee_agent.protocol import BACKENDS, ErrorCode, RbeeError
 from rbee_tui.events import Finished, Progress
 from rbee_tui.fleet import Fleet
+from rbee_tui.links import reporting_to
 from rbee_tui.messages import PollNow
 from rbee_tui.ops import workers
 from rbee_tui.screens.base import RbeeModal, form_row
@@ -141,18 +142,20 @@ class SpawnScreen(RbeeModal[None]):
         status.update("")
         try:
             workers.validate_spawn(spec, self.fleet.config)
-            client = await self.fleet.source.open_client(self.node)
-            async with client:
-                async for event in workers.spawn(client, spec, self.fleet.config.settings):
-                    log.show(event)
-                    if isinstance(event, Progress):
-                        bar.display = True
-                        bar.update(total=event.total, progress=event.done)
-                    elif isinstance(event, Finished):
-                        self.notify(event.message, title=f"Worker on {self.node}")
-                        self.app.post_message(PollNow(self.node))
-                        self.dismiss()
-                        return
+            with reporting_to(log.show):  # a cold start or a retry on the way (B177)
+                client = await self.fleet.source.open_client(self.node)
+                async with client:
+                    async for event in workers.spawn(client, spec,
+                                                     self.fleet.config.settings):
+                        log.show(event)
+                        if isinstance(event, Progress):
+                            bar.display = True
+                            bar.update(total=event.total, progress=event.done)
+                        elif isinstance(event, Finished):
+                            self.notify(event.message, title=f"Worker on {self.node}")
+                            self.app.post_message(PollNow(self.node))
+                            self.dismiss()
+                            return
         except RbeeError as err:
             bar.display = False
             log.show_error(err)

@@ -1,9 +1,10 @@
 """The one place where a flow's events become lines on the screen (principle 1, B162).
 
 Chat, install, node form, download and spawn all show their flow through `EventLog` (or,
-for a one-line status, through `describe`), so an attempt, a host key or an error reads the
-same everywhere. Lines wrap at the widget's width: a host-key fingerprint, an error, a hint
-or an install summary is never cut at the dialog's edge.
+for a one-line status, through `status_line`), so an attempt, a note (a download resumed, a
+cold start, a moved port), a host key or an error reads the same everywhere. Lines wrap at
+the widget's width: a host-key fingerprint, an error, a hint or an install summary is never
+cut at the dialog's edge.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rbee_tui.events import (
     Event,
     Finished,
     HostKeyUnknown,
+    Note,
     OutputLine,
     PhaseDone,
     PhaseStarted,
@@ -43,6 +45,8 @@ def describe(event: Event) -> Text | None:
             return Text(f"  attempt {number}/{total}: {error.message}{retry}", style="yellow")
         case OutputLine(line=line):
             return Text(f"    {line}", style="dim")
+        case Note(message=message):
+            return Text(f"  · {message}", style="cyan")
         case HostKeyUnknown(host=host, port=port, key_type=key_type, fingerprint=fingerprint):
             return Text.assemble(
                 (f"The host key of {host}:{port} is new to rbee:\n", "bold yellow"),
@@ -69,7 +73,7 @@ def status_line(event: Event) -> str | None:
         case Token():
             return None
     text = describe(event)
-    return None if text is None else text.plain.strip().lstrip("→✓ ").strip()
+    return None if text is None else text.plain.strip().lstrip("→✓· ").strip()
 
 
 def describe_error(error: RbeeError) -> Text:

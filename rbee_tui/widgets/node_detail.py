@@ -1,5 +1,6 @@
-"""The selected node's detail (B70, B165): CPU and RAM, each GPU nvitop-style, or for a node
-that does not answer the whole message and hint, wrapped.
+"""The selected node's detail (B70, B165, B178): CPU and RAM, each GPU nvitop-style, whether
+its llama.cpp can offload to a GPU, or for a node that does not answer the whole message and
+hint, wrapped.
 
 Per GPU: a VRAM bar split into each worker's share (then other processes, then free), the
 card's utilisation, temperature and power, each with a short history sparkline.
@@ -117,7 +118,24 @@ def _node_lines(s: NodeSnapshot, info: NodeInfo, stats: NodeStats | None) -> lis
         lines.extend(gpu_lines(gpu, s.workers, history))
     if not info.gpus:
         lines.append(Text("no GPU on this node", style="dim"))
+    offload = offload_line(s.name, info)
+    if offload is not None:
+        lines.append(offload)
     return lines
+
+
+def offload_line(name: str, info: NodeInfo) -> Text | None:
+    """B178: whether the node's llama.cpp can put layers on a GPU (`gpu_offload`), and what
+    to do when the node has NVIDIA GPUs but a CPU-only build."""
+    if info.gpu_offload is None:  # an agent too old to say
+        return None
+    if info.gpu_offload:
+        return Text("llama.cpp offloads to the GPU", style="green")
+    if info.gpus:
+        return Text(f"llama.cpp on {name} is CPU-only: its GPUs sit idle. Press i and "
+                    f"install with cuda (rbee nodes install {name} --backend cuda)",
+                    style="yellow")
+    return Text("llama.cpp is a CPU-only build", style="dim")
 
 
 def node_text(snapshot: NodeSnapshot | None, stats: NodeStats | None = None,

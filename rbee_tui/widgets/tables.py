@@ -17,6 +17,7 @@ from textual.widgets import DataTable
 
 from rbee_agent.protocol import GpuInfo, WorkerInfo
 from rbee_tui.node_source import NodeSnapshot
+from rbee_tui.ops.workers import layers_on_gpu
 
 Cell = str | Text
 Row = tuple[str, Sequence[Cell]]
@@ -196,18 +197,6 @@ class NodesTable(KeyedTable):
 
 
 STATE_STYLES = {"idle": "green", "busy": "yellow", "loading": "cyan", "failed": "red"}
-
-
-def layers_on_gpu(worker: WorkerInfo) -> str:
-    """"24/30": layers offloaded to the GPU of the model's total (B172); "-" on a CPU."""
-    if worker.backend == "cpu" or worker.gpu_layers is None:
-        return "-"
-    total, layers = worker.layers_total, worker.gpu_layers
-    if not total:
-        return "all" if layers < 0 else str(layers)
-    if layers < 0 or layers > total:  # -1 asks llama.cpp for every layer
-        layers = total
-    return f"{layers}/{total}"
 
 
 def device_of(worker: WorkerInfo) -> str:
