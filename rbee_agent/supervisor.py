@@ -425,7 +425,7 @@ class Supervisor:
             return
         tail = list(worker.recent_lines)[-10:]
         if (worker.state == "loading" and code != 0
-                and any(_ADDRESS_IN_USE in line.lower() for line in tail)
+                and any(_ADDRESS_IN_USE in line.lower() for line in worker.recent_lines)
                 and worker.port_retries < _PORT_RETRIES):
             worker.port_retries += 1
             log.warning("worker %s: port %d was taken; trying the next port", worker.id,

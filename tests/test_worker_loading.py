@@ -61,3 +61,27 @@ async def test_b41_b42_answers_while_loading_then_ready(service: WorkerService) 
     layers = [e.layers_loaded for e in loading]
     assert layers == sorted(layers) and layers[0] < 30
     assert events[-1] == LoadingProgress(stage="ready", layers_loaded=30, layers_total=30)
+
+
+def test_b25_a_taken_port_is_the_last_word_on_stderr() -> None:
+    """A worker whose port was taken between the agent's choice and its bind exits at once,
+    and says why in its last lines: the agent reads them to retry on another port. The
+    load that had started must not flood stderr once the loop is gone."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.support import REPO, free_port
+
+    with socket.socket() as taken:
+        port = free_port()
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "rbee_agent.worker", "--worker-id", "w", "--model",
+             str(bundled_model_path()), "--port", str(port), "--api-key", "k"],
+            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-3:]
+    assert any("address already in use" in line for line in last), result.stderr
+    assert "Traceback" not in result.stderr

@@ -128,8 +128,12 @@ class WorkerService:
             self.engine.gpu_layers, self.settings.backend, self.settings.device,
             self.settings.slots, self.settings.queue_depth,
         )
+
         def on_layers(layers: int) -> None:
-            loop.call_soon_threadsafe(self._set_layers, layers)
+            try:
+                loop.call_soon_threadsafe(self._set_layers, layers)
+            except RuntimeError:  # the loop has closed (the server never bound its port):
+                self._abort_load.set()  # stop loading quietly, keep stderr's real reason
 
         try:
             await loop.run_in_executor(
