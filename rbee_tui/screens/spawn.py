@@ -164,8 +164,8 @@ class SpawnScreen(RbeeModal[None]):
                          [(n, snapshot(n).info) for n in spec.peers], spec.device,
                          spec.ctx_size, spec.slots, spec.peer_layers)
             lines += [f"  {part.line()}" for part in parts]
-        lines.append("This dashboard holds the split's SSH tunnels: x on the worker, or "
-                     "leaving rbee, stops it and the RPC servers on every node.")
+        lines.append("This dashboard holds the split's SSH tunnels: x on its worker, or "
+                     "leaving rbee, stops the split and its RPC servers on every node.")
         labels[0].update("\n".join(lines))
 
     @on(Button.Pressed, "#spawn-close")
