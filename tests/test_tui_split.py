@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import psutil
 import pytest
 from textual.widgets import Input, Label
 
@@ -19,6 +20,7 @@ from rbee_tui.node_source import LiveNodeSource
 from rbee_tui.screens.chat import ChatScreen
 from rbee_tui.screens.modals import ConfirmScreen
 from rbee_tui.screens.spawn import SpawnScreen
+from rbee_tui.widgets.event_log import EventLog
 from rbee_tui.widgets.tables import WorkersTable
 from tests.agent_support import AgentProc
 from tests.cli_support import RbeeEnv
@@ -159,3 +161,45 @@ async def test_b211_leaving_the_dashboard_stops_the_split_it_holds(
     # The app has exited: its split worker and the peer's RPC server are gone.
     assert wait_for(lambda: not pid_alive(process.pid), "the split worker to stop")
     assert rpc_servers(peer) == [] and not pid_alive(server["pid"])
+
+
+async def test_b211_a_peer_that_dies_ends_the_held_split_naming_it(
+        app: RbeeApp, rbee: RbeeEnv, peer: AgentProc) -> None:  # noqa: F811
+    notes = Notifications(app)
+    async with app.run_test(size=SIZE) as pilot:
+        await spawn_split(app, pilot)
+        [server] = rpc_servers(peer)
+        head_pid = rbee.agent_pid()
+        assert head_pid is not None
+        [process] = workers_of(head_pid)
+        psutil.Process(server["pid"]).kill()
+        await until(pilot, lambda: any("Node 'peer' of the split lost its RPC server" in m
+                                       for m in notes.messages), limit_s=60)
+        await until(pilot, lambda: not app.splits.held, limit_s=60)
+        assert wait_for(lambda: not pid_alive(process.pid), "the split worker to stop")
+        assert rpc_servers(peer) == [], "the failed RPC server is cleaned up on the peer"
+
+
+async def test_b210_a_peer_that_cannot_serve_is_named_in_the_dialog(
+        app: RbeeApp, peer: AgentProc) -> None:  # noqa: F811
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: all(app.fleet.snapshot(n).status == "up"
+                                       for n in ("localhost", "peer")), limit_s=LOAD_S)
+        app.select_node("localhost")
+        await pilot.press("w")
+        dialog = app.screen
+        assert isinstance(dialog, SpawnScreen)
+        await until(pilot, lambda: dialog.models)
+        dialog.query_one("#spawn-split", Input).value = "nosuch"
+        dialog.query_one("#spawn-model", Input).focus()
+        await pilot.press("enter")
+        status = dialog.query_one("#spawn-status", Label)
+        assert "split: other registered nodes, comma-separated: peer" in str(status.render())
+        dialog.query_one("#spawn-split", Input).value = "peer"
+        dialog.query_one("#spawn-split-device", Input).value = "cuda3"
+        await pilot.press("enter")
+        await until(pilot, lambda: "failed" in str(status.render()), limit_s=LOAD_S)
+        log = dialog.query_one(EventLog)
+        assert "Node 'peer' could not start an RPC server: No GPU 3" in "\n".join(log.plain)
+        assert app.screen is dialog and not app.splits.held
+        assert rpc_servers(peer) == []
