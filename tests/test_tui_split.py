@@ -21,7 +21,7 @@ from rbee_tui.screens.chat import ChatScreen
 from rbee_tui.screens.modals import ConfirmScreen
 from rbee_tui.screens.spawn import SpawnScreen
 from rbee_tui.widgets.event_log import EventLog
-from rbee_tui.widgets.tables import WorkersTable
+from rbee_tui.widgets.tables import NodesTable, WorkersTable
 from tests.agent_support import AgentProc
 from tests.cli_support import RbeeEnv
 from tests.ssh_support import pid_alive
@@ -122,6 +122,15 @@ async def test_b211_a_split_from_the_dialog_serves_shows_on_both_nodes_and_x_end
         serves = f"rpc cpu for localhost/{worker.id} ({layers['peer']} layers)"
         await until(pilot, lambda: cell(app, server["id"], "DEVICE") == serves, limit_s=30)
         assert cell(app, server["id"], "MODEL") == "smollm2-135m"
+        nodes = app.dashboard.query_one(NodesTable)
+        await until(pilot, lambda: str(nodes.get_cell("peer", "WORKERS")) == "0 · 1 rpc")
+        table = app.dashboard.query_one(WorkersTable)
+        table.focus()
+        assert table.select_key(server["id"])
+        await pilot.press("x")  # an RPC server ends with its split worker, not by itself
+        await until(pilot, lambda: any(f"serves worker {worker.id} on localhost" in m
+                                       for m in notes.messages))
+        assert app.screen is app.dashboard and rpc_servers(peer) != []
 
         split_text = await ask(app, pilot, worker.id)
         assert split_text.strip()

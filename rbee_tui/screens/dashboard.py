@@ -263,6 +263,14 @@ class DashboardScreen(RbeeScreen[None]):
     def action_stop_worker(self) -> None:
         node = self.selected_node()
         worker = self.selected_worker()
+        key = self.query_one(WorkersTable).selected_key()
+        rpc = next((r for r in self.rpc_rows(node) if r.server.id == key), None) if node else None
+        if rpc is not None:  # B212: an RPC server lives and ends with its split worker
+            where = (f"worker {rpc.worker.id} on {rpc.head}" if rpc.worker and rpc.head
+                     else "a split worker on another node")
+            self.notify(f"RPC server {rpc.server.id} serves {where}: stop that worker (x on "
+                        "its row) and its RPC servers stop with it.", severity="warning")
+            return
         if node is None or worker is None:
             self.notify("Select a worker first (tab moves to the workers table).",
                         severity="warning")

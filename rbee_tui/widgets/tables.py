@@ -187,6 +187,8 @@ class NodesTable(KeyedTable):
         used = info.ram_total_mb - info.ram_available_mb
         busy = sum(1 for w in s.workers if w.state == "busy")
         workers = f"{len(s.workers)}" + (f" · {busy} busy" if busy else "")
+        if info.rpc_servers:  # serving another node's split worker (B212)
+            workers += f" · {len(info.rpc_servers)} rpc"
         return [
             s.name, status_cell(s, activity), s.agent_version or "-",
             f"{info.cpu_percent:.0f}%",
