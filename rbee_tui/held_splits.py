@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from rbee_agent.protocol import RbeeError, WorkerInfo
+from rbee_agent.protocol import ErrorCode, RbeeError, WorkerInfo
 from rbee_tui.config import Config
 from rbee_tui.events import Event
 from rbee_tui.links import NodeLinks
@@ -64,6 +64,12 @@ class HeldSplits:
             failure = await split.watch()
         except RbeeError as err:
             failure = await split.explain(err) if ready else err
+        except Exception as exc:  # a task's error would otherwise go unseen
+            failure = RbeeError(ErrorCode.WORKER_START_FAILED if not ready
+                                else ErrorCode.WORKER_CRASHED,
+                                f"The split over {', '.join(split.spec.nodes)} failed: {exc}",
+                                hint="Check the nodes (rbee nodes check NODE), then spawn the "
+                                     "split again.")
         finally:
             await asyncio.shield(split.close())
             self.held.remove(held)
