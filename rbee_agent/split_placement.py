@@ -24,22 +24,10 @@ from rbee_agent.protocol import (
     SplitPart,
 )
 from rbee_agent.settings import AgentSettings
+from rbee_agent.split_plan import layer_counts
 from rbee_agent.worker_launch import Placement
 
 HEAD = "head node"
-
-
-def shares(total: int, weights: list[int]) -> list[int]:
-    """`total` items in proportion to `weights` (largest remainder; sums to `total`)."""
-    whole = sum(max(0, w) for w in weights)
-    if whole <= 0:
-        weights, whole = [1] * len(weights), len(weights)
-    exact = [total * max(0, w) / whole for w in weights]
-    parts = [int(x) for x in exact]
-    by_remainder = sorted(range(len(weights)), key=lambda i: exact[i] - parts[i], reverse=True)
-    for i in by_remainder[: total - sum(parts)]:
-        parts[i] += 1
-    return parts
 
 
 def admit_split(request: SpawnRequest, model: CatalogEntry, settings: AgentSettings,
@@ -56,11 +44,8 @@ def admit_split(request: SpawnRequest, model: CatalogEntry, settings: AgentSetti
     margin = settings.compute_margin_mb
     layers = max(shape.layers, 1)
     local_free = resources.ram_available_mb() - settings.ram_reserve_mb - reserved.ram_mb
-    if isinstance(request.gpu_layers, int) and request.gpu_layers >= 0:  # as asked
-        on_peers = min(request.gpu_layers, layers)
-        counts = [layers - on_peers, *shares(on_peers, [p.free_mb for p in peers])]
-    else:
-        counts = shares(layers, [max(0, local_free), *(p.free_mb for p in peers)])
+    asked = request.gpu_layers if isinstance(request.gpu_layers, int) else None
+    counts = layer_counts(layers, local_free, [p.free_mb for p in peers], asked)
     names = [HEAD, *(p.node for p in peers)]
     frees = [local_free, *(p.free_mb for p in peers)]
     needs = [ram_need(shape, ctx, slots, margin, layers - n) for n in counts]

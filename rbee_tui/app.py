@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from rbee_gateway.inprocess import GatewayControl
     from rbee_gateway.routing import Fleet as RoutingFleet
     from rbee_tui.chat_store import ChatStore
+    from rbee_tui.held_splits import HeldSplits
+    from rbee_tui.ops.split import SplitWorker
 
 
 def _palette() -> type[Provider]:
@@ -83,6 +85,7 @@ class RbeeApp(App[None]):
         source.on_connecting = self.fleet.set_activity
         self._polling: set[str] = set()
         self._chats: ChatStore | None = None
+        self._splits: HeldSplits | None = None
         self.dashboard = DashboardScreen(self.fleet)
 
     # ------------------------------------------------------------------ start
@@ -343,9 +346,7 @@ class RbeeApp(App[None]):
         if self._gateway is None:
             from rbee_gateway.inprocess import InProcessGateway
 
-            if self.links is None:
-                self.links = NodeLinks(self.config)
-            self._gateway = InProcessGateway(self.config, self.links)
+            self._gateway = InProcessGateway(self.config, self._links())
         return self._gateway
 
     def router(self) -> RoutingFleet:
@@ -487,10 +488,35 @@ class RbeeApp(App[None]):
     def action_spawn_worker(self) -> None:
         from rbee_tui.screens.spawn import SpawnScreen
 
-        self.push_screen(SpawnScreen(self.fleet, self.selected_node()))
+        self.push_screen(SpawnScreen(self.fleet, self.selected_node(), self.splits))
+
+    @property
+    def splits(self) -> HeldSplits:
+        """The split workers this dashboard holds the tunnels of (B211), made on first use."""
+        if self._splits is None:
+            from rbee_tui.held_splits import HeldSplits
+
+            self._splits = HeldSplits(self.config, self._links, self._split_ended)
+        return self._splits
+
+    def _split_ended(self, split: SplitWorker, error: RbeeError | None) -> None:
+        if error is None:
+            self.notify(f"Split {split.describe()} stopped; its RPC servers are stopped too.",
+                        title="Split")
+        else:
+            self.show_error(error)
+        for node in split.spec.nodes:
+            self.poll_now(node)
+
+    def _links(self) -> NodeLinks:
+        if self.links is None:
+            self.links = NodeLinks(self.config)
+        return self.links
 
     async def on_unmount(self) -> None:
         gc.unfreeze()
+        if self._splits is not None:  # before the links its tunnels run over
+            await self._splits.aclose()
         if self._chats is not None:
             self._chats.close()
         if self._gateway is not None:

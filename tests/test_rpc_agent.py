@@ -165,7 +165,7 @@ def test_b206_peer_killed_mid_stream_ends_the_stream_naming_it_and_cleans_up(
 ])
 def test_b204_layers_follow_free_memory(weights: list[int], total: int,
                                        expected: list[int]) -> None:
-    from rbee_agent.split_placement import shares
+    from rbee_agent.split_plan import shares
 
     assert shares(total, weights) == expected
 

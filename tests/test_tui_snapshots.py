@@ -157,3 +157,13 @@ def test_snapshot_saved_chats(snap_compare: Callable[..., bool], tmp_path: Path,
     app, _ = make_app()
     app._chats = store
     assert snap_compare(app, terminal_size=SIZE, run_before=settle("colon", *"chats", "enter"))
+def test_snapshot_spawn_form_with_a_split(snap_compare: Callable[..., bool]) -> None:
+    """B210: "Split over" names localhost; the plan shows layers and memory per node."""
+    app, _ = make_app()
+
+    async def before(pilot: Pilot[None]) -> None:
+        await settle("j", "w", groups=("spawn-models",))(pilot)
+        await pilot.press(*["tab"] * 6, *"localhost")
+        await frames(pilot.app.screen)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=before)

@@ -24,7 +24,7 @@ from rbee_tui.screens.modals import ConfirmScreen
 from rbee_tui.widgets.graphs import HistoryGraph, ScaledGraph
 from rbee_tui.widgets.node_detail import node_text
 from rbee_tui.widgets.notes import note_for
-from rbee_tui.widgets.tables import Cell, KeyedTable, NodesTable, WorkersTable
+from rbee_tui.widgets.tables import Cell, KeyedTable, NodesTable, RpcRow, WorkersTable
 from rbee_tui.widgets.top_bar import TopBar
 
 MB_PER_GB = 1024.0
@@ -186,7 +186,20 @@ class DashboardScreen(RbeeScreen[None]):
             self.show_crumbs()
         snapshot = self.fleet.snapshot(name) if name else None
         rates = self.fleet.stats_of(name).worker_rates if name else {}
-        workers.show(snapshot.workers if snapshot else (), rates, self.fleet.clock())
+        workers.show(snapshot.workers if snapshot else (), rates, self.fleet.clock(),
+                     name or "", self.rpc_rows(name) if name else [])
+
+    def rpc_rows(self, name: str) -> list[RpcRow]:
+        """The node's RPC servers, each beside the split worker on another node that names
+        this node in its split (B212); several are paired in the order they started."""
+        info = self.fleet.snapshot(name).info
+        servers = sorted(info.rpc_servers if info else [], key=lambda s: s.started_at)
+        users = sorted(((head, w) for head in self.fleet.names() if head != name
+                        for w in self.fleet.snapshot(head).workers
+                        if any(p.node == name for p in w.split)),
+                       key=lambda hw: hw[1].started_at)
+        return [RpcRow(server, name, *(users[i] if i < len(users) else (None, None)))
+                for i, server in enumerate(servers)]
 
     def show_graphs(self, stats: NodeStats | None) -> None:
         graphs = graphs_for(stats) if stats and stats.ram_total_mb else []
@@ -250,6 +263,14 @@ class DashboardScreen(RbeeScreen[None]):
     def action_stop_worker(self) -> None:
         node = self.selected_node()
         worker = self.selected_worker()
+        key = self.query_one(WorkersTable).selected_key()
+        rpc = next((r for r in self.rpc_rows(node) if r.server.id == key), None) if node else None
+        if rpc is not None:  # B212: an RPC server lives and ends with its split worker
+            where = (f"worker {rpc.worker.id} on {rpc.head}" if rpc.worker and rpc.head
+                     else "a split worker on another node")
+            self.notify(f"RPC server {rpc.server.id} serves {where}: stop that worker (x on "
+                        "its row) and its RPC servers stop with it.", severity="warning")
+            return
         if node is None or worker is None:
             self.notify("Select a worker first (tab moves to the workers table).",
                         severity="warning")
@@ -281,4 +302,8 @@ def worker_stop_question(node: str, worker: WorkerInfo) -> str:
     else:
         lines.append(f"It is {worker.state}; {worker.model_id} is unloaded and must load "
                      "again for the next request.")
+    peers = [p.node for p in worker.split if p.node]
+    if peers:
+        lines.append(f"It is split over {', '.join(peers)}: the RPC servers there stop "
+                     "with it.")
     return "\n".join(lines)

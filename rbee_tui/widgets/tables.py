@@ -9,13 +9,14 @@ until the filter is cleared.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rich.text import Text
 from textual.cache import LRUCache
 from textual.widgets import DataTable
 
-from rbee_agent.protocol import GpuInfo, WorkerInfo
+from rbee_agent.protocol import GpuInfo, RpcServerInfo, WorkerInfo
 from rbee_tui.node_source import NodeSnapshot
 from rbee_tui.ops.workers import layers_on_gpu
 
@@ -187,6 +188,8 @@ class NodesTable(KeyedTable):
         used = info.ram_total_mb - info.ram_available_mb
         busy = sum(1 for w in s.workers if w.state == "busy")
         workers = f"{len(s.workers)}" + (f" · {busy} busy" if busy else "")
+        if info.rpc_servers:  # serving another node's split worker (B212)
+            workers += f" · {len(info.rpc_servers)} rpc"
         return [
             s.name, status_cell(s, activity), s.agent_version or "-",
             f"{info.cpu_percent:.0f}%",
@@ -199,7 +202,37 @@ class NodesTable(KeyedTable):
 STATE_STYLES = {"idle": "green", "busy": "yellow", "loading": "cyan", "failed": "red"}
 
 
-def device_of(worker: WorkerInfo) -> str:
+def split_of(worker: WorkerInfo, head: str) -> str:
+    """"split: localhost 15, peer 15": a split worker's layers per node (B212)."""
+    return "split: " + ", ".join(f"{p.node or head} {p.layers}" for p in worker.split)
+
+
+@dataclass(frozen=True)
+class RpcRow:
+    """An RPC server on this node, and the split worker it serves when one names this node
+    (seen on the head node's row of the dashboard), so a peer shows what uses it (B212)."""
+
+    server: RpcServerInfo
+    node: str
+    head: str | None = None
+    worker: WorkerInfo | None = None
+
+    def cells(self) -> list[Cell]:
+        s, w = self.server, self.worker
+        layers = next((p.layers for p in w.split if p.node == self.node), 0) if w else 0
+        serves = (f"rpc {s.device} for {self.head}/{w.id} ({layers} layers)" if w and self.head
+                  else f"rpc {s.device}, no split worker seen")
+        state = s.state if s.state != "ready" else "serving" if s.clients else "ready"
+        return [s.id, w.model_id if w else "-", Text(state, style=RPC_STYLES.get(state, "dim")),
+                "-", "-", "-", serves, "-", "-", "-", "-", "-"]
+
+
+RPC_STYLES = {"serving": "yellow", "ready": "green", "starting": "cyan", "failed": "red"}
+
+
+def device_of(worker: WorkerInfo, head: str = "") -> str:
+    if worker.split:
+        return split_of(worker, head)
     if worker.backend == "cpu":
         return "cpu"
     devices = worker.devices or [worker.device]
@@ -212,16 +245,17 @@ class WorkersTable(KeyedTable):
     FILTERED = ("ID", "MODEL", "STATE", "DEVICE")
 
     def show(self, workers: Sequence[WorkerInfo], rates: Mapping[str, float],
-             now: float) -> None:
-        self.sync([(w.id, self.cells(w, rates.get(w.id), now)) for w in workers])
+             now: float, node: str = "", rpc: Sequence[RpcRow] = ()) -> None:
+        self.sync([*((w.id, self.cells(w, rates.get(w.id), now, node)) for w in workers),
+                   *((r.server.id, r.cells()) for r in rpc)])
 
     @staticmethod
-    def cells(w: WorkerInfo, rate: float | None, now: float) -> list[Cell]:
+    def cells(w: WorkerInfo, rate: float | None, now: float, node: str = "") -> list[Cell]:
         loading = f" {w.layers_loaded}/{w.layers_total}" if w.state == "loading" else ""
         busy = w.active_requests or w.state == "busy"
         idle = "-" if busy else f"{max(0, now - w.last_activity):.0f}s"
         return [w.id, w.model_id, Text(w.state + loading, style=STATE_STYLES.get(w.state, "dim")),
                 "-" if rate is None else f"{rate:.1f}", f"{w.slots_available}/{w.slots_total}",
-                str(w.queued), device_of(w), "-" if w.vram_mb is None else str(w.vram_mb),
+                str(w.queued), device_of(w, node), "-" if w.vram_mb is None else str(w.vram_mb),
                 "-" if w.rss_mb is None else str(w.rss_mb), layers_on_gpu(w),
                 str(w.tokens_served), idle]
