@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 import tomli_w
 
-from tests.support import REPO, free_port
+from tests.support import REPO, default_sigint, free_port
 
 
 @dataclass
@@ -38,7 +38,7 @@ class RbeeEnv:
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen([sys.executable, "-m", "rbee_tui", *args], cwd=REPO,
                                 env=self.env, text=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+                                stderr=subprocess.PIPE, preexec_fn=default_sigint)
 
     def write_config(self, settings: dict[str, Any], nodes: dict[str, Any] | None = None
                      ) -> None:

@@ -115,3 +115,11 @@ def sse_events(response: httpx.Response) -> list[dict[str, Any]]:
 # SmolLM2 at temperature 0 keeps counting for as long as it is allowed to: a generation
 # that is reliably long, for tests that need one running while they act.
 LONG_PROMPT = "1, 2, 3, 4, 5, 6, 7,"
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child a test will interrupt: Ctrl-C works as in a terminal even
+    when the suite itself was started in the background (a non-interactive shell starts
+    background jobs with SIGINT ignored, children inherit that, and Python then installs no
+    KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

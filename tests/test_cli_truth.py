@@ -14,7 +14,7 @@ import psutil
 
 from tests.agent_support import AgentProc
 from tests.cli_support import RbeeEnv, make_env
-from tests.support import LONG_PROMPT, REPO, free_port
+from tests.support import LONG_PROMPT, REPO, default_sigint, free_port
 
 
 def unpinned(env: RbeeEnv, port: int | None = None) -> None:
@@ -162,7 +162,8 @@ def test_b152_canceled_is_on_a_line_of_its_own(rbee: RbeeEnv) -> None:
     proc = subprocess.Popen([*rbee_cmd(), "infer", "--raw", "--prompt", LONG_PROMPT,
                              "--max-tokens", "1500", "--temperature", "0"],
                             cwd=REPO, env=rbee.env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)  # one stream, as on a terminal
+                            stderr=subprocess.STDOUT,  # one stream, as on a terminal
+                            preexec_fn=default_sigint)
     assert proc.stdout is not None
     seen = ""
     while "Generating" not in seen or seen.count(",") < 5:
