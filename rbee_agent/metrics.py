@@ -106,10 +106,11 @@ class StreamMeter:
         self._started = started
         self._last: float | None = None
 
-    def frames(self, batch: bytes) -> None:
+    def frames(self, batch: bytes) -> int:
+        """Time the token frames in `batch`; returns how many there were."""
         count = batch.count(self._marker)
         if not count:
-            return
+            return 0
         now = time.perf_counter()
         if self._last is None:
             self._ttft.observe(now - self._started)
@@ -118,6 +119,7 @@ class StreamMeter:
         for _ in range(count - 1):
             self._gap.observe(0.0)
         self._last = now
+        return count
 
     def tokens(self, count: int) -> None:
         self._tokens.inc(count)

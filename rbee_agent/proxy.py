@@ -50,9 +50,6 @@ log = logging.getLogger("rbee.agent")
 
 _DONE_FRAME = sse_frame(SSE_DONE)
 _DONE_MARK = b'"done":true'
-# The start of a token event's frame: counted as the relay passes it, so a node's tokens/s
-# moves while a reply streams rather than jumping when it ends (B134).
-_TOKEN_MARK = b'data: {"token"'
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 
@@ -191,13 +188,15 @@ async def read_reply(upstream: Upstream) -> bytes:
 async def stream_frames(upstream: Upstream, meter: StreamMeter) -> AsyncIterator[bytes]:
     """The worker's SSE frames as they come (B33); a worker that breaks off mid-stream ends
     it with an error frame and `[DONE]`. Closing this generator closes the connection,
-    which makes the worker cancel the generation."""
+    which makes the worker cancel the generation. `meter` spots rbee's token frames (its
+    default marker): what it counts is also the worker's live token count."""
     worker = upstream.worker
     counted = 0  # token frames of this stream already added to the worker's count
     try:
         async for frames in upstream.response.sse_batches():
-            meter.frames(frames)
-            live = frames.count(_TOKEN_MARK)
+            # Counted as the relay passes them (the meter spots them anyway), so a node's
+            # tokens/s moves while a reply streams rather than jumping when it ends (B134).
+            live = meter.frames(frames)
             worker.count_tokens(live)
             counted += live
             yield frames
